@@ -1,0 +1,92 @@
+"""llama_proc: start, supervise and talk to llama.cpp's ``llama-server`` from Python.
+
+.. code-block:: python
+
+    from llama_proc import LlamaServer, LlamaServerArgs
+
+    with LlamaServer(None, LlamaServerArgs(model="model.gguf")) as server:
+        reply = server.chat_completions({"messages": [{"role": "user", "content": "Hi"}]})
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .binaries import BuildResult, build_from_source, cache_dir, fetch_source, find_executable
+from .client import LlamaClient
+from .config import FlagDialect, LlamaServerArgs
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APIStreamError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    BuildError,
+    ConfigError,
+    ExecutableNotFound,
+    HealthCheckError,
+    InternalServerError,
+    IoError,
+    LlamaProcError,
+    ModelNotFound,
+    NotFoundError,
+    PermissionDeniedError,
+    ServerAlreadyRunning,
+    ServerNotReady,
+    ServerNotRunning,
+    ServiceUnavailableError,
+    StartupError,
+    StartupTimeout,
+    UnprocessableEntityError,
+)
+from .platforms import current_target, default_variant
+from .server import LlamaServer, Server, flag_dialect
+from .streaming import Stream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APIStreamError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "BuildError",
+    "BuildResult",
+    "ConfigError",
+    "ExecutableNotFound",
+    "FlagDialect",
+    "HealthCheckError",
+    "InternalServerError",
+    "IoError",
+    "LlamaClient",
+    "LlamaProcError",
+    "LlamaServer",
+    "LlamaServerArgs",
+    "ModelNotFound",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "Server",
+    "ServerAlreadyRunning",
+    "ServerNotReady",
+    "ServerNotRunning",
+    "ServiceUnavailableError",
+    "StartupError",
+    "StartupTimeout",
+    "Stream",
+    "UnprocessableEntityError",
+    "__version__",
+    "build_from_source",
+    "cache_dir",
+    "current_target",
+    "default_variant",
+    "fetch_source",
+    "find_executable",
+    "flag_dialect",
+]
+
+logging.getLogger("llama_proc").addHandler(logging.NullHandler())

@@ -1,0 +1,317 @@
+"""``LlamaClient``: one pooled ``requests.Session`` per server, and the endpoints of llama-server.
+
+Design points:
+
+* ``trust_env=False``: a user's ``HTTP_PROXY``/``ALL_PROXY``/``.netrc`` never captures loopback calls
+  (and skipping those lookups is most of what makes a default Session slow per call).
+* One :class:`~requests.adapters.HTTPAdapter` mounted on exactly the server's base URL, with a
+  keep-alive pool sized for concurrent threads, ``TCP_NODELAY`` and ``SO_KEEPALIVE``.
+* ``Retry(connect=N, read=0, status=0)``: only what never reached the server is retried; a
+  generation is never sent twice.
+* Timeouts are ``(connect, read)``; the read timeout is between bytes, which suits streams.
+* All transport errors are translated in :func:`translate_error`; every status >= 400 becomes a typed
+  :class:`~llama_proc.errors.APIStatusError` with the server's body attached.
+"""
+
+from __future__ import annotations
+
+import json as _json
+import socket
+from typing import Any, Callable, Mapping, Union
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3.util.retry import Retry
+
+from .errors import APIConnectionError, APITimeoutError, make_status_error
+from .streaming import Stream
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_POOL_SIZE",
+    "DEFAULT_READ_TIMEOUT",
+    "Endpoints",
+    "LlamaClient",
+    "Timeout",
+    "translate_error",
+]
+
+#: Seconds to establish a connection (loopback: anything longer means the server is wedged).
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Seconds to wait for the next bytes of an answer. Generous, so long generations are not cut off;
+#: pass ``timeout=`` per call or ``request_timeout=`` per server to change it (None waits forever).
+DEFAULT_READ_TIMEOUT = 600.0
+#: Keep-alive connections kept per server, at least.
+DEFAULT_POOL_SIZE = 32
+#: Connection attempts retried when the server could not be reached at all.
+DEFAULT_CONNECT_RETRIES = 2
+
+#: A timeout: seconds for both phases, a ``(connect, read)`` pair, or None for no limit.
+Timeout = Union[float, "tuple[float | None, float | None]", None]
+
+_SOCKET_OPTIONS = [
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+]
+
+
+class _Adapter(HTTPAdapter):
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        pool_kwargs.setdefault("socket_options", _SOCKET_OPTIONS)
+        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+
+
+def translate_error(exc: BaseException, url: str, hint: str = "") -> APIConnectionError:
+    """The one place that maps requests/urllib3 transport errors to llama_proc errors."""
+    suffix = f" ({hint})" if hint else ""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return APITimeoutError(f"could not connect in time{suffix}", url)
+    if isinstance(exc, requests.exceptions.ReadTimeout) or (
+        isinstance(exc, requests.exceptions.ConnectionError) and "Read timed out" in str(exc)
+    ):
+        return APITimeoutError(f"no answer within the read timeout{suffix}", url)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        inner = exc.args[0] if exc.args else exc
+        reason = getattr(inner, "reason", inner)
+        return APIConnectionError(f"{type(reason).__name__}: {reason}{suffix}", url)
+    return APIConnectionError(f"{type(exc).__name__}: {exc}{suffix}", url)
+
+
+def _body_of(response: requests.Response) -> Any:
+    content = response.content
+    try:
+        return _json.loads(content)
+    except ValueError:
+        return content.decode("utf-8", errors="replace")
+
+
+class Endpoints:
+    """llama-server's endpoints, written once over two primitives that subclasses provide."""
+
+    def _call(
+        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
+    ) -> requests.Response:
+        raise NotImplementedError
+
+    def _stream(self, response: requests.Response, url: str) -> Stream:
+        raise NotImplementedError
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _json(self, method: str, path: str, body: Any = None, timeout: Timeout | object = ...) -> Any:
+        response = self._call(method, path, body, timeout=timeout)
+        try:
+            return _json.loads(response.content)
+        except ValueError:
+            raise make_status_error(
+                502, {"error": {"message": "the server answered with invalid JSON"}}, response.url
+            ) from None
+
+    def _maybe_stream(self, path: str, request: Mapping[str, Any], timeout: Timeout | object) -> Any:
+        if request.get("stream"):
+            response = self._call("POST", path, request, stream=True, timeout=timeout)
+            return self._stream(response, response.url)
+        return self._json("POST", path, request, timeout)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def chat_completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
+        """POST ``/v1/chat/completions``; returns the response dict, or a :class:`Stream` when ``"stream": True``."""
+        return self._maybe_stream("/v1/chat/completions", request, timeout)
+
+    def completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
+        """POST ``/v1/completions``; returns the response dict, or a :class:`Stream` when ``"stream": True``."""
+        return self._maybe_stream("/v1/completions", request, timeout)
+
+    def infill(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
+        """POST ``/infill`` (code infilling); a :class:`Stream` when ``"stream": True``."""
+        return self._maybe_stream("/infill", request, timeout)
+
+    def embeddings(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+        """POST ``/v1/embeddings`` (the server needs ``embeddings=True`` and a pooling type)."""
+        result: dict[str, Any] = self._json("POST", "/v1/embeddings", request, timeout)
+        return result
+
+    def rerank(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+        """POST ``/v1/rerank`` (the server needs ``reranking=True`` and a reranking model)."""
+        result: dict[str, Any] = self._json("POST", "/v1/rerank", request, timeout)
+        return result
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    def tokenize(self, request: Mapping[str, Any] | str, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+        """POST ``/tokenize``; ``request`` is ``{"content": ...}`` or just the text."""
+        body = {"content": request} if isinstance(request, str) else request
+        result: dict[str, Any] = self._json("POST", "/tokenize", body, timeout)
+        return result
+
+    def detokenize(self, request: Mapping[str, Any] | list[int], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+        """POST ``/detokenize``; ``request`` is ``{"tokens": [...]}`` or just the token list."""
+        body = {"tokens": request} if isinstance(request, list) else request
+        result: dict[str, Any] = self._json("POST", "/detokenize", body, timeout)
+        return result
+
+    # -- state --------------------------------------------------------------------------------
+
+    def health(self, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+        """GET ``/health``: ``{"status": "ok"}`` when ready (503 raises while loading)."""
+        result: dict[str, Any] = self._json("GET", "/health", None, timeout)
+        return result
+
+    def props(self, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+        """GET ``/props``: the server's settings, chat template and build."""
+        result: dict[str, Any] = self._json("GET", "/props", None, timeout)
+        return result
+
+    def models(self, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+        """GET ``/v1/models``: the loaded model, under its alias."""
+        result: dict[str, Any] = self._json("GET", "/v1/models", None, timeout)
+        return result
+
+    def slots(self, *, timeout: Timeout | object = ...) -> list[dict[str, Any]]:
+        """GET ``/slots``: the state of each processing slot."""
+        result: list[dict[str, Any]] = self._json("GET", "/slots", None, timeout)
+        return result
+
+    def metrics(self, *, timeout: Timeout | object = ...) -> str:
+        """GET ``/metrics``: Prometheus text (the server needs ``metrics=True``)."""
+        return self._call("GET", "/metrics", None, timeout=timeout).text
+
+
+class LlamaClient(Endpoints):
+    """A client for one llama-server at ``base_url``.
+
+    :param base_url: ``http://host:port`` of the server.
+    :param api_key: sent as ``Authorization: Bearer`` on every call.
+    :param timeout: the default ``(connect, read)`` timeout of calls.
+    :param pool_maxsize: keep-alive connections kept for concurrent threads.
+    :param connect_retries: retries of connection attempts that never reached the server.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: Timeout = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
+        pool_maxsize: int = DEFAULT_POOL_SIZE,
+        connect_retries: int = DEFAULT_CONNECT_RETRIES,
+        error_hint: Callable[[], str] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._error_hint = error_hint
+        session = requests.Session()
+        session.trust_env = False
+        session.headers["Accept"] = "application/json"
+        if api_key:
+            session.headers["Authorization"] = f"Bearer {api_key}"
+        retry = Retry(
+            total=connect_retries,
+            connect=connect_retries,
+            read=0,
+            status=0,
+            other=0,
+            redirect=0,
+            backoff_factor=0.05,
+            raise_on_status=False,
+        )
+        self._adapter = _Adapter(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=retry)
+        session.mount(self.base_url + "/", self._adapter)
+        self.session = session
+        self._headers = {k: v if isinstance(v, str) else v.decode() for k, v in session.headers.items()}
+        self._proxies: dict[str, str] = {}
+
+    # -- the two primitives -------------------------------------------------------------------
+
+    def _prepare(
+        self, method: str, path: str, body: Any, headers: Mapping[str, str] | None
+    ) -> requests.PreparedRequest:
+        request = requests.PreparedRequest()
+        request.method = method
+        request.url = self.base_url + path
+        hdrs: CaseInsensitiveDict[str] = CaseInsensitiveDict(self._headers)
+        if headers:
+            hdrs.update(headers)
+        if body is not None:
+            if isinstance(body, (bytes, bytearray)):
+                data = bytes(body)
+            else:
+                data = _json.dumps(body, ensure_ascii=False).encode("utf-8")
+                hdrs.setdefault("Content-Type", "application/json")
+            hdrs["Content-Length"] = str(len(data))
+            request.body = data
+        elif method in ("POST", "PUT", "PATCH"):
+            hdrs["Content-Length"] = "0"
+        request.headers = hdrs
+        request.hooks = {"response": []}
+        return request
+
+    def _send(self, request: requests.PreparedRequest, *, stream: bool, timeout: Timeout | object) -> requests.Response:
+        effective = self.timeout if timeout is ... else timeout
+        try:
+            return self._adapter.send(
+                request,
+                stream=stream,
+                timeout=effective,  # type: ignore[arg-type]
+                verify=True,
+                cert=None,
+                proxies=self._proxies,
+            )
+        except requests.RequestException as exc:
+            raise translate_error(exc, request.url or "", self._error_hint() if self._error_hint else "") from None
+
+    def _call(
+        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
+    ) -> requests.Response:
+        request = self._prepare(method, path, body, None)
+        response = self._send(request, stream=stream, timeout=timeout)
+        if response.status_code >= 400:
+            try:
+                error_body = _body_of(response)
+            finally:
+                response.close()
+            raise make_status_error(response.status_code, error_body, request.url or "")
+        return response
+
+    def _stream(self, response: requests.Response, url: str) -> Stream:
+        return Stream(response, url=url, error_hint=self._error_hint)
+
+    # -- raw access ---------------------------------------------------------------------------
+
+    def forward(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        stream: bool = False,
+        *,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: Timeout | object = ...,
+    ) -> requests.Response:
+        """Send a request as it is and return the raw response, whatever its status (for proxies).
+
+        With ``stream=True`` the body is not read: iterate ``response.iter_content(None)`` to pass
+        bytes on as they arrive, and close the response when done.
+
+        :raises APIConnectionError: when the server cannot be reached.
+        """
+        if not path.startswith("/"):
+            path = "/" + path
+        request = self._prepare(method.upper(), path, data if data is not None else json, headers)
+        return self._send(request, stream=stream, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the pooled connections (idempotent)."""
+        self.session.close()
+
+    def __enter__(self) -> LlamaClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LlamaClient({self.base_url!r})"

@@ -1,0 +1,353 @@
+"""``ServerProcess``: spawn a server, pump its output into logging, and stop it for sure.
+
+* The child runs in its own process group (``start_new_session=True``) with stdin closed.
+* Two named daemon threads read stdout and stderr line by line, so a chatty child never blocks on
+  a full pipe; each line goes to :mod:`logging` with llama.cpp's level letter mapped to a level,
+  and into a ring buffer (:meth:`ServerProcess.log_tail`).
+* :meth:`ServerProcess.stop` sends SIGTERM to the group, waits, then SIGKILL; it joins the pumps.
+* A forgotten process is stopped by a :func:`weakref.finalize` (which also runs at interpreter exit)
+  and, if the interpreter dies without running it (SIGKILL, ``os._exit``), by a small guardian
+  process that notices its pipe from us closing (Linux and macOS).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from pathlib import Path
+from typing import IO, Any, Mapping, Sequence
+
+from .errors import IoError, StartupError
+
+__all__ = ["ServerProcess", "parse_log_line"]
+
+_server_log = logging.getLogger("llama_proc.server")
+_log = logging.getLogger("llama_proc.process")
+
+_LEVELS = {"E": logging.ERROR, "W": logging.WARNING, "I": logging.INFO, "D": logging.DEBUG}
+# "0.00.103.858 I srv  llama_server: model loaded"; the timestamp is optional.
+_LINE_RE = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?([EWID]) (.*)$")
+
+_POSIX = os.name == "posix"
+
+
+def parse_log_line(line: str) -> tuple[int, str]:
+    """Split a llama.cpp log line into (logging level, message); unknown lines are INFO."""
+    match = _LINE_RE.match(line)
+    if match:
+        return _LEVELS[match.group(1)], match.group(2)
+    return logging.INFO, line
+
+
+# ---------------------------------------------------------------------------------------------
+# the guardian
+
+
+class _Guardian:
+    """One watchdog process per interpreter (and per forked child that starts servers)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._owner = 0
+
+    def _ensure(self) -> subprocess.Popen[bytes] | None:
+        if not _POSIX:
+            return None
+        if self._proc is not None and self._owner == os.getpid() and self._proc.poll() is None:
+            return self._proc
+        script = Path(__file__).with_name("_guardian.py")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(script)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:  # pragma: no cover - the interpreter itself cannot be run
+            _log.warning("cannot start the orphan guardian (%s); servers may outlive a killed process", exc)
+            self._proc = None
+            return None
+        self._owner = os.getpid()
+        return self._proc
+
+    def _send(self, line: bytes, create: bool) -> None:
+        with self._lock:
+            proc = self._ensure() if create else (self._proc if self._owner == os.getpid() else None)
+            if proc is None or proc.stdin is None:
+                return
+            try:
+                proc.stdin.write(line)
+                proc.stdin.flush()
+            except (OSError, ValueError) as exc:
+                _log.debug("guardian write failed: %s", exc)
+
+    def register(self, pgid: int) -> None:
+        self._send(b"+ %d\n" % pgid, create=True)
+
+    def unregister(self, pgid: int) -> None:
+        self._send(b"- %d\n" % pgid, create=False)
+
+    @property
+    def pid(self) -> int | None:
+        """The guardian's pid, when one runs for this process."""
+        proc = self._proc
+        return proc.pid if proc is not None and self._owner == os.getpid() and proc.poll() is None else None
+
+
+_guardian = _Guardian()
+
+
+# ---------------------------------------------------------------------------------------------
+# log pumps
+
+
+class _Activity:
+    """What the pumps share with the process object: the ring buffer and a progress signal."""
+
+    def __init__(self, lines: int) -> None:
+        self.lines: deque[str] = deque(maxlen=lines)
+        self.last = time.monotonic()
+        self.event = threading.Event()
+
+
+def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None:
+    extra = {"llama_pid": pid, "llama_stream": source}
+    try:
+        for raw in iter(stream.readline, b""):
+            line = raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
+            activity.lines.append(line)
+            activity.last = time.monotonic()
+            activity.event.set()
+            level, message = parse_log_line(line)
+            if _server_log.isEnabledFor(level):
+                _server_log.log(level, "%s", message, extra=extra)
+    except (OSError, ValueError):  # the stream was closed under us during shutdown
+        pass
+    finally:
+        activity.event.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# killing: the one place that stops processes
+
+
+def _terminate(popen: subprocess.Popen[bytes], pumps: Sequence[threading.Thread], timeout: float) -> int:
+    """SIGTERM the process group, wait ``timeout``, SIGKILL; join the pumps; return the exit code."""
+    if popen.poll() is None:
+        _signal_group(popen, signal.SIGTERM if _POSIX else None)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _log.warning("pid %d did not stop within %.3g s of SIGTERM; killing it", popen.pid, timeout)
+            _signal_group(popen, signal.SIGKILL if _POSIX else None)
+            popen.wait()
+    elif _POSIX:
+        # The leader is gone; take down anything it left in its group.
+        try:
+            os.killpg(popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pump in pumps:
+        if pump is not threading.current_thread():
+            pump.join(5.0)
+    for stream in (popen.stdout, popen.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    _guardian.unregister(popen.pid)
+    return popen.returncode
+
+
+def _signal_group(popen: subprocess.Popen[bytes], sig: int | None) -> None:
+    try:
+        if sig is None:  # Windows
+            popen.kill()
+        else:
+            os.killpg(popen.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _finalize(popen: subprocess.Popen[bytes], pumps: Sequence[threading.Thread], owner: int, timeout: float) -> None:
+    # Runs at garbage collection or interpreter exit; must never raise, and a forked child that
+    # inherited this object must not touch its parent's process.
+    if os.getpid() != owner:
+        return
+    try:
+        _terminate(popen, pumps, timeout)
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """A child process with pumped output and guaranteed cleanup.
+
+    :param argv: the full command line, executable first; never a shell string.
+    :param env: the environment (default: inherit).
+    :param log_lines: how many recent output lines :meth:`log_tail` keeps.
+    :param stop_timeout: seconds between SIGTERM and SIGKILL when the finalizer stops it.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        log_lines: int = 200,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self.argv = list(argv)
+        self._env = dict(env) if env is not None else None
+        self._cwd = cwd
+        self._activity = _Activity(log_lines)
+        self._stop_timeout = stop_timeout
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._pumps: list[threading.Thread] = []
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._lock = threading.Lock()
+        self._exit_code: int | None = None
+        self._stopped = False
+        self.started_at: float | None = None
+
+    def start(self) -> None:
+        """Spawn the process and its log pumps.
+
+        :raises StartupError: when the executable cannot be run at all.
+        """
+        if self._popen is not None:
+            raise RuntimeError("a ServerProcess is started once")
+        kwargs: dict[str, object] = {}
+        if _POSIX:
+            kwargs["start_new_session"] = True
+        else:  # pragma: no cover - Windows
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        try:
+            popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env,
+                cwd=self._cwd,
+                close_fds=True,
+                **kwargs,  # type: ignore[call-overload]
+            )
+        except PermissionError as exc:
+            raise StartupError(f"{self.argv[0]} is not executable ({exc.strerror}); check its permissions") from exc
+        except FileNotFoundError as exc:
+            raise StartupError(f"{self.argv[0]} does not exist") from exc
+        except OSError as exc:
+            raise StartupError(f"cannot run {self.argv[0]}: {exc}") from exc
+        self.started_at = time.monotonic()
+        self._activity.last = self.started_at
+        self._popen = popen
+        _guardian.register(popen.pid)
+        name = Path(self.argv[0]).name
+        for source, stream in (("stdout", popen.stdout), ("stderr", popen.stderr)):
+            assert stream is not None
+            thread = threading.Thread(
+                target=_pump,
+                args=(stream, self._activity, popen.pid, source),
+                name=f"{name}-{popen.pid}-{source}",
+                daemon=True,
+            )
+            thread.start()
+            self._pumps.append(thread)
+        self._finalizer = weakref.finalize(self, _finalize, popen, tuple(self._pumps), os.getpid(), self._stop_timeout)
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid (also its process group id), once started."""
+        return self._popen.pid if self._popen is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code, once the child has exited."""
+        return self._popen.poll() if self._popen is not None else None
+
+    def poll(self) -> int | None:
+        """The exit code if the child has exited, else None."""
+        return self.returncode
+
+    def is_running(self) -> bool:
+        """True while the child is alive."""
+        return self._popen is not None and self._popen.poll() is None
+
+    @property
+    def last_activity(self) -> float:
+        """``time.monotonic()`` of the last output line (or of the start)."""
+        return self._activity.last
+
+    def wait_activity(self, timeout: float) -> bool:
+        """Block until the child prints a line or ``timeout`` passes; True if it printed."""
+        fired = self._activity.event.wait(timeout)
+        self._activity.event.clear()
+        return fired
+
+    def log_tail(self, n: int = 20) -> list[str]:
+        """The last ``n`` lines the child printed (stdout and stderr interleaved)."""
+        lines = list(self._activity.lines)
+        return lines[-n:] if n > 0 else []
+
+    @property
+    def threads(self) -> tuple[threading.Thread, ...]:
+        """The log pump threads."""
+        return tuple(self._pumps)
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the child to exit by itself; its exit code, or None on timeout."""
+        if self._popen is None:
+            return None
+        try:
+            return self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop the child: SIGTERM to its group, ``timeout`` seconds, then SIGKILL.
+
+        Idempotent; returns the exit code (None if never started).
+        """
+        with self._lock:
+            if self._popen is None:
+                return None
+            if self._stopped:
+                return self._exit_code
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
+            try:
+                self._exit_code = _terminate(
+                    self._popen, self._pumps, self._stop_timeout if timeout is None else timeout
+                )
+                self._stopped = True
+                return self._exit_code
+            except OSError as exc:  # pragma: no cover - unexpected kernel errors
+                raise IoError(f"cannot stop pid {self._popen.pid}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        state = (
+            "not started" if self._popen is None else ("running" if self.is_running() else f"exited {self.returncode}")
+        )
+        return f"<ServerProcess {Path(self.argv[0]).name} pid={self.pid} {state}>"

@@ -1,0 +1,476 @@
+"""The ``Server`` protocol and ``LlamaServer``, which runs one llama-server process."""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import requests
+
+from .binaries import find_executable
+from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
+from .config import FlagDialect, LlamaServerArgs
+from .errors import (
+    ConfigError,
+    HealthCheckError,
+    ModelNotFound,
+    ServerAlreadyRunning,
+    ServerNotRunning,
+    StartupError,
+    StartupTimeout,
+)
+from .process import ServerProcess
+from .streaming import Stream
+
+__all__ = ["LlamaServer", "Server", "flag_dialect"]
+
+_log = logging.getLogger("llama_proc.server")
+
+#: How often readiness is probed at most (it is also probed at once whenever the server logs a line).
+_POLL_MAX_INTERVAL = 0.005
+_PORT_ATTEMPTS = 3
+_BIND_FAILURE = ("couldn't bind", "address already in use", "failed to bind")
+
+
+@runtime_checkable
+class Server(Protocol):
+    """What code that needs an LLM server depends on; :class:`LlamaServer` implements it.
+
+    Every method blocks. Implementations for tests: :class:`llama_proc.testing.FakeServer`.
+    """
+
+    def start(self) -> None:
+        """Start the server and return once it answers requests."""
+
+    def stop(self) -> int | None:
+        """Stop the server; idempotent; returns the exit code."""
+
+    def get_server_args(self) -> LlamaServerArgs:
+        """The arguments the server runs (or will run) with."""
+
+    def chat_completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
+        """OpenAI chat completion; a :class:`Stream` when ``"stream": True``."""
+
+    def completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
+        """OpenAI text completion; a :class:`Stream` when ``"stream": True``."""
+
+    def embeddings(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+        """OpenAI embeddings."""
+
+    def tokenize(self, request: Mapping[str, Any] | str, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+        """Text -> tokens."""
+
+    def detokenize(self, request: Mapping[str, Any] | list[int], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+        """Tokens -> text."""
+
+
+# ---------------------------------------------------------------------------------------------
+# what a build understands
+
+
+_dialects: dict[tuple[str, int, int], FlagDialect] = {}
+_dialects_lock = threading.Lock()
+
+
+def flag_dialect(executable: str | os.PathLike[str]) -> FlagDialect:
+    """Learn how ``executable`` spells the flags that changed over time, from its ``--help``.
+
+    Cached per executable (path, size and modification time). An executable whose ``--help`` cannot
+    be read gets the newest spelling.
+    """
+    path = Path(executable)
+    try:
+        st = path.stat()
+    except OSError:
+        return FlagDialect()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _dialects_lock:
+        cached = _dialects.get(key)
+    if cached is not None:
+        return cached
+    try:
+        proc = subprocess.run(
+            [str(path), "--help"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False
+        )
+        text = (proc.stdout + proc.stderr).decode("utf-8", errors="replace")
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    if "--model" not in text:
+        dialect = FlagDialect()
+    else:
+        fa_line = next((line for line in text.splitlines() if "--flash-attn" in line), "")
+        dialect = FlagDialect(
+            load_mode="--load-mode" in text,
+            flash_attn_value="on|off" in fa_line or "[on" in fa_line,
+            no_webui="--no-webui" if "--no-webui" in text else "--no-ui",
+            webui="--webui" if "--webui " in text or "--webui," in text else ("--ui" if "--ui " in text else None),
+        )
+    with _dialects_lock:
+        _dialects[key] = dialect
+    return dialect
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"port {port} on {host} is already in use; choose another port or leave port=None"
+                ) from None
+            raise StartupError(f"cannot bind {host}:{port}: {exc.strerror}; check the host setting") from None
+
+
+def _connect_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "::1"
+    return host.strip("[]")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class _PortTaken(Exception):
+    pass
+
+
+class LlamaServer(Endpoints):
+    """One ``llama-server`` process and a pooled client to it.
+
+    :param executable_path: the ``llama-server`` to run; None finds one with
+        :func:`~llama_proc.find_executable` when the server starts.
+    :param args: what to run.
+    :param startup_timeout: seconds the server may stay silent while starting. Any line it logs
+        restarts the count; on expiry it is killed and :class:`~llama_proc.errors.StartupTimeout` raised.
+    :param stop_timeout: seconds to wait after SIGTERM before SIGKILL. Default: 10.
+    :param request_timeout: default ``(connect, read)`` timeout of calls, in seconds; a single number
+        sets both; None waits forever. Default: 5 s to connect, 600 s between bytes.
+    :param env: extra environment variables for the process.
+    :param log_lines: how many of the server's recent output lines :meth:`log_tail` keeps.
+
+    Use it as a context manager, or call :meth:`start` and :meth:`stop`. A server that is never
+    stopped is stopped when it is garbage-collected or the interpreter exits, and on Linux and macOS
+    even when this process is killed.
+    """
+
+    def __init__(
+        self,
+        executable_path: str | os.PathLike[str] | None,
+        args: LlamaServerArgs,
+        *,
+        startup_timeout: float = 300.0,
+        stop_timeout: float = 10.0,
+        request_timeout: Timeout = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
+        env: Mapping[str, str] | None = None,
+        log_lines: int = 200,
+        variant: str | None = None,
+    ) -> None:
+        if not isinstance(args, LlamaServerArgs):
+            raise ConfigError([f"args: expected LlamaServerArgs, got {type(args).__name__}"])
+        problems = []
+        if not startup_timeout > 0:
+            problems.append(f"startup_timeout: must be > 0, got {startup_timeout!r}")
+        if not stop_timeout >= 0:
+            problems.append(f"stop_timeout: must be >= 0, got {stop_timeout!r}")
+        if problems:
+            raise ConfigError(problems)
+        self._executable = Path(executable_path) if executable_path is not None else None
+        self._variant = variant
+        self._args = args
+        self._startup_timeout = float(startup_timeout)
+        self._stop_timeout = float(stop_timeout)
+        self._request_timeout = request_timeout
+        self._env = dict(env) if env else None
+        self._log_lines = log_lines
+        self._lock = threading.RLock()
+        self._proc: ServerProcess | None = None
+        self._client: LlamaClient | None = None
+        self._running_args: LlamaServerArgs | None = None
+        self._stopped = False
+        self._last_exit: int | None = None
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def args(self) -> LlamaServerArgs:
+        """The arguments in effect: once started, with the port actually used."""
+        return self._running_args or self._args
+
+    def get_server_args(self) -> LlamaServerArgs:
+        """The arguments in effect (as the seed's ``get_server_args``)."""
+        return self.args
+
+    @property
+    def executable(self) -> Path:
+        """The ``llama-server`` this server runs (found on first use when not given)."""
+        if self._executable is None:
+            self._executable = find_executable(self._variant)
+        return self._executable
+
+    @property
+    def port(self) -> int | None:
+        """The port the server listens on, once started (or the configured one)."""
+        return self.args.port
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` of the server.
+
+        :raises ServerNotRunning: before the port is known.
+        """
+        port = self.port
+        if port is None:
+            raise ServerNotRunning("start() has not been called, so its port is not known yet")
+        return f"http://{_url_host(_connect_host(self.args.host))}:{port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while running."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.is_running() else None
+
+    @property
+    def process(self) -> ServerProcess | None:
+        """The underlying :class:`~llama_proc.process.ServerProcess` (None before start)."""
+        return self._proc
+
+    def is_running(self) -> bool:
+        """True while the process is alive."""
+        proc = self._proc
+        return proc is not None and proc.is_running()
+
+    def log_tail(self, n: int = 20) -> list[str]:
+        """The server's last ``n`` output lines."""
+        proc = self._proc
+        return proc.log_tail(n) if proc is not None else []
+
+    @property
+    def client(self) -> LlamaClient:
+        """The pooled HTTP client of the running server.
+
+        :raises ServerNotRunning: before start() or after stop().
+        """
+        return self._require_client()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start llama-server and return as soon as it answers ``/health`` with 200.
+
+        :raises ModelNotFound: when the model file does not exist.
+        :raises ExecutableNotFound: when no executable was given and none is found.
+        :raises ServerAlreadyRunning: when it is already running.
+        :raises StartupError: when the process exits while starting (with its exit code and last lines).
+        :raises StartupTimeout: when it stays silent for ``startup_timeout`` seconds without becoming ready.
+        """
+        with self._lock:
+            if self._proc is not None and self._proc.is_running():
+                raise ServerAlreadyRunning(self._proc.pid or 0, self.base_url)
+            self._discard()
+            model = self._args.model
+            if not model.is_file():
+                raise ModelNotFound(str(model))
+            if not os.access(model, os.R_OK):
+                raise StartupError(f"the model file {model} is not readable; check its permissions")
+            executable = self.executable
+            dialect = flag_dialect(executable)
+            fixed_port = self._args.port
+            if fixed_port is not None:
+                _check_port_free(self._args.host, fixed_port)
+            env = None
+            if self._env:
+                env = dict(os.environ)
+                env.update(self._env)
+            for attempt in range(1, _PORT_ATTEMPTS + 1):
+                port = fixed_port if fixed_port is not None else self._pick_port()
+                args = self._args if fixed_port is not None else self._args.evolve(port=port)
+                argv = [str(executable), *args.to_args(dialect)]
+                _log.info("starting %s", " ".join(_redact(argv)))
+                proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self._stop_timeout)
+                proc.start()
+                try:
+                    self._wait_ready(proc, args)
+                except _PortTaken:
+                    proc.stop(self._stop_timeout)
+                    if fixed_port is not None or attempt == _PORT_ATTEMPTS:
+                        raise StartupError(
+                            f"port {port} was taken by another process ({attempt} attempt(s))",
+                            proc.returncode,
+                            proc.log_tail(),
+                        ) from None
+                    _log.info("port %d was taken; retrying on another port", port)
+                    continue
+                except BaseException:
+                    proc.stop(self._stop_timeout)
+                    raise
+                self._proc = proc
+                self._running_args = args
+                self._stopped = False
+                self._client = LlamaClient(
+                    self.base_url,
+                    api_key=args.api_key,
+                    timeout=self._request_timeout,
+                    pool_maxsize=max(DEFAULT_POOL_SIZE, 2 * (args.n_parallel or 1)),
+                    error_hint=self._error_hint,
+                )
+                _log.info("llama-server pid %s ready at %s", proc.pid, self.base_url)
+                return
+
+    def _pick_port(self) -> int:
+        try:
+            return _free_port(self._args.host)
+        except OSError as exc:
+            raise StartupError(f"cannot bind {self._args.host}: {exc.strerror}; check the host setting") from None
+
+    def _wait_ready(self, proc: ServerProcess, args: LlamaServerArgs) -> None:
+        host = _connect_host(args.host)
+        assert args.port is not None
+        conn: http.client.HTTPConnection | None = None
+        interval = 0.001
+        try:
+            while True:
+                code = proc.poll()
+                if code is not None:
+                    proc.wait(1.0)  # let the pumps collect the last lines
+                    tail = proc.log_tail()
+                    if any(marker in line.lower() for line in tail for marker in _BIND_FAILURE):
+                        raise _PortTaken()
+                    raise StartupError(f"llama-server exited with status {code} while starting", code, tail)
+                if conn is None:
+                    conn = http.client.HTTPConnection(host, args.port, timeout=2.0)
+                try:
+                    conn.request("GET", "/health")
+                    response = conn.getresponse()
+                    body = response.read()
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn = None
+                else:
+                    if response.status == 200:
+                        if proc.poll() is None:
+                            return
+                        continue
+                    if response.status != 503:
+                        raise HealthCheckError(
+                            f"GET /health answered {response.status} {body[:200]!r}; is this really llama-server?"
+                        )
+                silent = time.monotonic() - proc.last_activity
+                if silent > self._startup_timeout:
+                    tail = proc.log_tail()
+                    proc.stop(0)
+                    raise StartupTimeout(self._startup_timeout, tail)
+                proc.wait_activity(interval)
+                interval = min(interval * 1.5, _POLL_MAX_INTERVAL)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop the server: SIGTERM, ``timeout`` seconds (default ``stop_timeout``), then SIGKILL.
+
+        Joins the log threads and closes the connection pool. Idempotent.
+
+        :returns: the exit code, or None if it was never started.
+        """
+        with self._lock:
+            proc = self._proc
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+            if proc is None:
+                return self._last_exit
+            code = proc.stop(self._stop_timeout if timeout is None else timeout)
+            self._proc = None
+            self._stopped = True
+            self._last_exit = code
+            _log.info("llama-server pid %s stopped with status %s", proc.pid, code)
+            return code
+
+    def _discard(self) -> None:
+        # A previous process that died by itself: reap it and its pool before starting anew.
+        if self._proc is not None:
+            self.stop(0)
+
+    def __enter__(self) -> LlamaServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _require_client(self) -> LlamaClient:
+        client = self._client
+        if client is None:
+            if self._stopped:
+                raise ServerNotRunning("it was stopped; call start() to run it again")
+            raise ServerNotRunning("start() has not been called")
+        return client
+
+    def _error_hint(self) -> str:
+        proc = self._proc
+        if proc is not None and not proc.is_running():
+            last = proc.log_tail(3)
+            return f"llama-server exited with status {proc.returncode}" + (": " + " | ".join(last) if last else "")
+        return ""
+
+    def _call(
+        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
+    ) -> requests.Response:
+        return self._require_client()._call(method, path, body, stream=stream, timeout=timeout)
+
+    def _stream(self, response: requests.Response, url: str) -> Stream:
+        return self._require_client()._stream(response, url)
+
+    def forward(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        stream: bool = False,
+        *,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: Timeout | object = ...,
+    ) -> requests.Response:
+        """Send a request as it is and return the raw response whatever its status (see :meth:`LlamaClient.forward`)."""
+        return self._require_client().forward(method, path, json, stream, data=data, headers=headers, timeout=timeout)
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else ("stopped" if self._stopped else "not started")
+        where = f" {self.base_url}" if self.is_running() else ""
+        alias = f" alias={self.args.alias!r}" if self.args.alias else ""
+        return f"<LlamaServer {state}{alias} model={str(self.args.model)!r}{where} pid={self.pid}>"
+
+
+def _redact(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, item in enumerate(out[:-1]):
+        if item == "--api-key":
+            out[i + 1] = "***"
+    return out

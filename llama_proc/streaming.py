@@ -1,0 +1,196 @@
+"""Server-sent events: bytes -> events -> a :class:`Stream` of chunk dicts."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import TracebackType
+from typing import Any, Callable, Iterable, Iterator
+
+import attrs
+import requests
+
+from .errors import APIConnectionError, APIStreamError, APITimeoutError
+
+__all__ = ["SSEDecoder", "ServerSentEvent", "Stream"]
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+@attrs.frozen
+class ServerSentEvent:
+    """One event of an SSE stream."""
+
+    data: str
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+
+
+class SSEDecoder:
+    """Incremental SSE decoder.
+
+    Lines end at CR, LF or CRLF only (a CRLF split across two chunks counts once), so a U+2028 or
+    U+0085 inside JSON never splits an event; comments (``:``) are skipped; multi-line ``data`` is
+    joined with LF as the specification says.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._skip_lf = False
+        self._data: list[str] = []
+        self._event: str | None = None
+        self._id: str | None = None
+        self._retry: int | None = None
+
+    def feed(self, chunk: bytes) -> Iterator[ServerSentEvent]:
+        """Feed bytes; yields every event they complete."""
+        if self._skip_lf and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._skip_lf = False
+        buffer = self._buffer + chunk
+        start = 0
+        for match in _EOL.finditer(buffer):
+            line = buffer[start : match.start()]
+            start = match.end()
+            if match.group() == b"\r" and start == len(buffer):
+                self._skip_lf = True  # a LF may follow in the next chunk
+            event = self._line(line)
+            if event is not None:
+                yield event
+        self._buffer = buffer[start:]
+
+    def flush(self) -> Iterator[ServerSentEvent]:
+        """At end of input: the last line, and an event left without its blank line."""
+        if self._buffer:
+            event = self._line(self._buffer)
+            self._buffer = b""
+            if event is not None:
+                yield event
+        event = self._line(b"")
+        if event is not None:
+            yield event
+
+    def _line(self, raw: bytes) -> ServerSentEvent | None:
+        if not raw:
+            if not self._data and self._event is None:
+                return None
+            event = ServerSentEvent("\n".join(self._data), self._event, self._id, self._retry)
+            self._data, self._event, self._retry = [], None, None
+            return event
+        if raw[:1] == b":":
+            return None
+        line = raw.decode("utf-8", errors="replace")
+        name, sep, value = line.partition(":")
+        if sep and value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self._id = value
+        elif name == "retry" and value.isdigit():
+            self._retry = int(value)
+        return None
+
+
+def iter_events(chunks: Iterable[bytes]) -> Iterator[ServerSentEvent]:
+    """Decode an iterable of byte chunks into events."""
+    decoder = SSEDecoder()
+    for chunk in chunks:
+        yield from decoder.feed(chunk)
+    yield from decoder.flush()
+
+
+class Stream(Iterator[dict[str, Any]]):
+    """The chunks of a streamed completion, as dicts.
+
+    Iterate it, or use it as a context manager so that an early ``break`` still closes the
+    connection (the server then frees the slot). It stops at ``data: [DONE]`` and raises
+    :class:`~llama_proc.errors.APIStreamError` for an error event,
+    :class:`~llama_proc.errors.APIConnectionError` if the connection breaks.
+    """
+
+    def __init__(
+        self,
+        response: requests.Response,
+        *,
+        url: str = "",
+        on_close: Callable[[], None] | None = None,
+        error_hint: Callable[[], str] | None = None,
+    ) -> None:
+        #: The underlying response (already checked for an error status).
+        self.response = response
+        self.url = url
+        self._on_close = on_close
+        self._error_hint = error_hint
+        self._closed = False
+        self._iterator = self._chunks()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._iterator)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once the response has been closed."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the response (idempotent). Unread data is discarded and the connection dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.response.close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    def _raw_chunks(self) -> Iterator[bytes]:
+        try:
+            yield from self.response.iter_content(chunk_size=None)
+        except requests.exceptions.ConnectionError as exc:
+            hint = self._error_hint() if self._error_hint else ""
+            reason = f"the stream broke: {exc.__class__.__name__}{(' (' + hint + ')') if hint else ''}"
+            if "Read timed out" in str(exc):
+                raise APITimeoutError(reason, self.url) from None
+            raise APIConnectionError(reason, self.url) from None
+        except requests.exceptions.RequestException as exc:
+            raise APIConnectionError(f"the stream broke: {exc}", self.url) from None
+
+    def _chunks(self) -> Iterator[dict[str, Any]]:
+        try:
+            for event in iter_events(self._raw_chunks()):
+                data = event.data
+                if data == "[DONE]":
+                    return
+                if not data:
+                    continue
+                try:
+                    payload = json.loads(data)
+                except ValueError:
+                    raise APIStreamError(
+                        500, {"error": {"message": f"invalid JSON in stream: {data[:200]}"}}, self.url
+                    ) from None
+                if event.event == "error" or (
+                    isinstance(payload, dict) and "error" in payload and "choices" not in payload
+                ):
+                    err = payload.get("error", payload) if isinstance(payload, dict) else payload
+                    code = err.get("code", 500) if isinstance(err, dict) else 500
+                    raise APIStreamError(code if isinstance(code, int) else 500, payload, self.url)
+                yield payload
+        finally:
+            self.close()
