@@ -24,7 +24,8 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.util.retry import Retry
 
-from .errors import APIConnectionError, APITimeoutError, make_status_error
+from ._transport import translate_error
+from .errors import make_status_error
 from .streaming import Stream
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "Endpoints",
     "LlamaClient",
     "Timeout",
-    "translate_error",
 ]
 
 #: Seconds to establish a connection (loopback: anything longer means the server is wedged).
@@ -60,22 +60,6 @@ class _Adapter(HTTPAdapter):
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
         pool_kwargs.setdefault("socket_options", _SOCKET_OPTIONS)
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
-
-
-def translate_error(exc: BaseException, url: str, hint: str = "") -> APIConnectionError:
-    """The one place that maps requests/urllib3 transport errors to llama_proc errors."""
-    suffix = f" ({hint})" if hint else ""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return APITimeoutError(f"could not connect in time{suffix}", url)
-    if isinstance(exc, requests.exceptions.ReadTimeout) or (
-        isinstance(exc, requests.exceptions.ConnectionError) and "Read timed out" in str(exc)
-    ):
-        return APITimeoutError(f"no answer within the read timeout{suffix}", url)
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        inner = exc.args[0] if exc.args else exc
-        reason = getattr(inner, "reason", inner)
-        return APIConnectionError(f"{type(reason).__name__}: {reason}{suffix}", url)
-    return APIConnectionError(f"{type(exc).__name__}: {exc}{suffix}", url)
 
 
 def _body_of(response: requests.Response) -> Any:

@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable, Iterator
 import attrs
 import requests
 
-from .errors import APIConnectionError, APIStreamError, APITimeoutError
+from ._transport import translate_error
+from .errors import APIStreamError
 
 __all__ = ["SSEDecoder", "ServerSentEvent", "Stream"]
 
@@ -162,14 +163,9 @@ class Stream(Iterator[dict[str, Any]]):
     def _raw_chunks(self) -> Iterator[bytes]:
         try:
             yield from self.response.iter_content(chunk_size=None)
-        except requests.exceptions.ConnectionError as exc:
+        except requests.RequestException as exc:
             hint = self._error_hint() if self._error_hint else ""
-            reason = f"the stream broke: {exc.__class__.__name__}{(' (' + hint + ')') if hint else ''}"
-            if "Read timed out" in str(exc):
-                raise APITimeoutError(reason, self.url) from None
-            raise APIConnectionError(reason, self.url) from None
-        except requests.exceptions.RequestException as exc:
-            raise APIConnectionError(f"the stream broke: {exc}", self.url) from None
+            raise translate_error(exc, self.url, ("the stream broke; " + hint) if hint else "the stream broke") from None
 
     def _chunks(self) -> Iterator[dict[str, Any]]:
         try:

@@ -1,0 +1,21 @@
+"""The one place that maps requests/urllib3 transport errors to llama_proc errors."""
+
+from __future__ import annotations
+
+import requests
+
+from .errors import APIConnectionError, APITimeoutError
+
+
+def translate_error(exc: BaseException, url: str, hint: str = "") -> APIConnectionError:
+    """A transport failure as :class:`APIConnectionError` (or :class:`APITimeoutError`)."""
+    suffix = f" ({hint})" if hint else ""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return APITimeoutError(f"could not connect in time{suffix}", url)
+    if isinstance(exc, requests.exceptions.ReadTimeout) or "Read timed out" in str(exc):
+        return APITimeoutError(f"no answer within the read timeout{suffix}", url)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        inner = exc.args[0] if exc.args else exc
+        reason = getattr(inner, "reason", inner)
+        return APIConnectionError(f"{type(reason).__name__}: {reason}{suffix}", url)
+    return APIConnectionError(f"{exc}{suffix}", url)

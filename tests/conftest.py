@@ -1,0 +1,126 @@
+"""Shared fixtures: the real llama-server (built once into the user cache), the tiny model, leak checks."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from llama_proc import LlamaServer, LlamaServerArgs, binaries
+from llama_proc.errors import ExecutableNotFound
+from llama_proc.tiny_model import ensure_tiny_model
+
+HERE = Path(__file__).resolve().parent
+FAKE_SERVER = HERE / "fake_llama_server.py"
+
+
+def fake_executable(tmp_path: Path) -> Path:
+    """A launcher script that runs the stdlib fake llama-server with this interpreter."""
+    exe = tmp_path / "llama-server"
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_SERVER} \"$@\"\n")
+    exe.chmod(0o755)
+    return exe
+
+
+@pytest.fixture
+def fake_exe(tmp_path: Path) -> Path:
+    return fake_executable(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def llama_exe() -> Path:
+    """The real llama-server: found, or built from the pinned source into the user cache once."""
+    try:
+        return binaries.find_executable("cpu")
+    except ExecutableNotFound:
+        pass
+    source = binaries.fetch_source()
+    return binaries.build_from_source(source, "cpu").llama_server
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def shared_server(llama_exe: Path, tiny_model: Path) -> Iterator[LlamaServer]:
+    """One real server for the read-only integration tests."""
+    args = LlamaServerArgs(model=tiny_model, alias="tiny", n_ctx=1024, n_parallel=4, metrics=True, seed=7)
+    with LlamaServer(llama_exe, args) as server:
+        yield server
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            out.append(int(entry))
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :].split()[0] != b"Z"
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves a thread, a file descriptor or a child llama-server behind."""
+    threads_before = set(threading.enumerate())
+    fds_before = open_fds()
+    yield
+    guardian = _guardian_pid()
+    assert wait_until(lambda: not [p for p in children_of(os.getpid()) if p != guardian], 5.0), "child process leaked"
+    assert wait_until(lambda: not [t for t in threading.enumerate() if t not in threads_before], 5.0), (
+        f"threads leaked: {[t.name for t in threading.enumerate() if t not in threads_before]}"
+    )
+    leaked = open_fds() - fds_before
+    guardian_fds = _guardian_fds()
+    assert not (leaked - guardian_fds), f"file descriptors leaked: {sorted(leaked - guardian_fds)}"
+
+
+def _guardian_pid() -> int | None:
+    from llama_proc.process import _guardian
+
+    return _guardian.pid
+
+
+def _guardian_fds() -> set[int]:
+    from llama_proc.process import _guardian
+
+    proc = _guardian._proc
+    if proc is None or proc.stdin is None or proc.stdin.closed:
+        return set()
+    return {proc.stdin.fileno()}
