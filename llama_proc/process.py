@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -78,8 +79,23 @@ class _Guardian:
             _log.warning("cannot start the orphan guardian (%s); servers may outlive a killed process", exc)
             self._proc = None
             return None
+        if self._owner == 0:
+            atexit.register(self.close)
         self._owner = os.getpid()
         return self._proc
+
+    def close(self) -> None:
+        """Close our end of the pipe (the guardian then stops what is still registered) and reap it."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None or self._owner != os.getpid():
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(10.0)
+        except (OSError, subprocess.TimeoutExpired):  # pragma: no cover - best effort at exit
+            pass
 
     def _send(self, line: bytes, create: bool) -> None:
         with self._lock:

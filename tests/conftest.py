@@ -100,9 +100,10 @@ def no_leaks() -> Iterator[None]:
     """Fail the test if it leaves a thread, a file descriptor or a child llama-server behind."""
     threads_before = set(threading.enumerate())
     fds_before = open_fds()
+    children_before = set(children_of(os.getpid()))
     yield
-    guardian = _guardian_pid()
-    assert wait_until(lambda: not [p for p in children_of(os.getpid()) if p != guardian], 5.0), "child process leaked"
+    known = children_before | {_guardian_pid()}
+    assert wait_until(lambda: not set(children_of(os.getpid())) - known, 5.0), "child process leaked"
     assert wait_until(lambda: not [t for t in threading.enumerate() if t not in threads_before], 5.0), (
         f"threads leaked: {[t.name for t in threading.enumerate() if t not in threads_before]}"
     )

@@ -1,0 +1,143 @@
+"""The real llama-server (built from the pinned llama.cpp source) with the tiny model."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from llama_proc import LlamaClient, LlamaServer, LlamaServerArgs, Server
+from llama_proc.errors import AuthenticationError, BadRequestError, NotFoundError, StartupError
+
+from .conftest import children_of, pid_alive
+
+pytestmark = pytest.mark.integration
+
+CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0}
+
+
+def test_is_a_server(shared_server: LlamaServer) -> None:
+    assert isinstance(shared_server, Server)
+
+
+def test_chat_plain(shared_server: LlamaServer) -> None:
+    reply = shared_server.chat_completions(CHAT)
+    assert reply["object"] == "chat.completion"
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
+    assert reply["usage"]["completion_tokens"] == 8
+
+
+def test_chat_streamed_matches_plain(shared_server: LlamaServer) -> None:
+    plain = shared_server.chat_completions({**CHAT, "seed": 3})["choices"][0]["message"]["content"]
+    pieces = []
+    with shared_server.chat_completions({**CHAT, "seed": 3, "stream": True}) as stream:
+        for chunk in stream:
+            assert chunk["object"] == "chat.completion.chunk"
+            delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+            pieces.append(delta.get("content") or "")
+    assert "".join(pieces) == plain
+    assert stream.closed
+
+
+def test_completions(shared_server: LlamaServer) -> None:
+    reply = shared_server.completions({"prompt": "Once upon a time", "max_tokens": 5})
+    assert reply["object"] == "text_completion"
+    chunks = list(shared_server.completions({"prompt": "Once", "max_tokens": 4, "stream": True}))
+    assert len(chunks) >= 4
+
+
+def test_tokenize_detokenize_round_trip(shared_server: LlamaServer) -> None:
+    tokens = shared_server.tokenize("hello world")["tokens"]
+    assert tokens == [22172, 3186]  # the llama SPM vocabulary
+    assert shared_server.detokenize(tokens)["content"].strip() == "hello world"
+
+
+def test_props_models_health_metrics_slots(shared_server: LlamaServer) -> None:
+    assert shared_server.health() == {"status": "ok"}
+    props = shared_server.props()
+    assert props["total_slots"] == 4
+    models = shared_server.models()
+    assert models["data"][0]["id"] == "tiny"
+    assert "llamacpp:prompt_tokens_total" in shared_server.metrics()
+    assert len(shared_server.slots()) == 4
+
+
+def test_bad_request_and_unknown_endpoint(shared_server: LlamaServer) -> None:
+    with pytest.raises(BadRequestError):
+        shared_server.chat_completions({"messages": "not a list"})
+    with pytest.raises(NotFoundError):
+        shared_server._call("GET", "/no/such/endpoint")
+    raw = shared_server.forward("GET", "/no/such/endpoint")
+    assert raw.status_code == 404
+
+
+def test_32_threads_in_parallel(shared_server: LlamaServer) -> None:
+    errors: list[BaseException] = []
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(3):
+                n = len(shared_server.tokenize(f"thread {i}")["tokens"])
+                reply = shared_server.chat_completions({**CHAT, "max_tokens": 2})
+                with lock:
+                    results.append(n + reply["usage"]["completion_tokens"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    assert len(results) == 96
+
+
+def test_embeddings(llama_exe: Path, tiny_model: Path) -> None:
+    args = LlamaServerArgs(model=tiny_model, embeddings=True, pooling="mean", n_ctx=512)
+    with LlamaServer(llama_exe, args) as server:
+        data = server.embeddings({"input": ["hello", "world"]})["data"]
+        assert len(data) == 2 and len(data[0]["embedding"]) == 64
+        assert data[0]["embedding"] != data[1]["embedding"]
+
+
+def test_api_key_enforced(llama_exe: Path, tiny_model: Path) -> None:
+    args = LlamaServerArgs(model=tiny_model, api_key="sekrit-key", n_ctx=512)
+    with LlamaServer(llama_exe, args) as server:
+        assert server.models()["data"]  # the client sends the key
+        assert server.forward("GET", "/v1/models", headers={"Authorization": ""}).status_code == 401
+        assert all("sekrit-key" not in line for line in server.log_tail(200))
+        assert "sekrit-key" not in repr(server)
+        with LlamaClient(server.base_url, api_key="wrong") as other, pytest.raises(AuthenticationError):
+            other.models()
+        with LlamaClient(server.base_url) as other, pytest.raises(AuthenticationError):
+            other.models()
+
+
+def test_stop_leaves_no_process_and_no_thread(llama_exe: Path, tiny_model: Path, no_leaks: None) -> None:
+    server = LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=512))
+    server.start()
+    pid = server.pid
+    assert pid is not None and pid in children_of(__import__("os").getpid())
+    assert server.stop() == 0
+    assert not pid_alive(pid)
+
+
+def test_bad_flag_value_rejected_by_server(llama_exe: Path, tiny_model: Path, no_leaks: None) -> None:
+    args = LlamaServerArgs(model=tiny_model, extra_args=["--ctx-size", "not-a-number"])
+    with pytest.raises(StartupError) as info:
+        LlamaServer(llama_exe, args).start()
+    assert info.value.exit_code not in (None, 0)
+    assert info.value.log_tail
+
+
+def test_non_gguf_model_fails_fast(llama_exe: Path, tmp_path: Path, no_leaks: None) -> None:
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"this is not a gguf file" * 100)
+    with pytest.raises(StartupError) as info:
+        LlamaServer(llama_exe, LlamaServerArgs(model=bogus)).start()
+    assert info.value.exit_code not in (None, 0)
