@@ -453,6 +453,7 @@ def build_from_source(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        shutil.rmtree(build_dir, ignore_errors=True)  # keyed by digest: never reused once installed
         _log.info("installed llama-server %s into %s", variant, bin_dir)
         return BuildResult(bin_dir, {n: bin_dir / executable_name(n, target) for n in names}, new_info, built=True)
     except OSError as exc:

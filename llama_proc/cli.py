@@ -232,6 +232,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         level=logging.INFO if ns.verbose_log else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if not ns.verbose_log:
+        # the server's own warnings (no API key, slot notes) are noise on a terminal; errors still show
+        logging.getLogger("llama_proc.server").setLevel(logging.ERROR)
     try:
         return _COMMANDS[ns.command](ns, stream)
     except LlamaProcError as exc:

@@ -165,7 +165,9 @@ class Stream(Iterator[dict[str, Any]]):
             yield from self.response.iter_content(chunk_size=None)
         except requests.RequestException as exc:
             hint = self._error_hint() if self._error_hint else ""
-            raise translate_error(exc, self.url, ("the stream broke; " + hint) if hint else "the stream broke") from None
+            raise translate_error(
+                exc, self.url, ("the stream broke; " + hint) if hint else "the stream broke"
+            ) from None
 
     def _chunks(self) -> Iterator[dict[str, Any]]:
         try:

@@ -22,7 +22,7 @@ FAKE_SERVER = HERE / "fake_llama_server.py"
 def fake_executable(tmp_path: Path) -> Path:
     """A launcher script that runs the stdlib fake llama-server with this interpreter."""
     exe = tmp_path / "llama-server"
-    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_SERVER} \"$@\"\n")
+    exe.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_SERVER} "$@"\n')
     exe.chmod(0o755)
     return exe
 

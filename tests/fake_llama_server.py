@@ -77,7 +77,9 @@ def main() -> int:
         def do_GET(self) -> None:
             if self.path == "/health":
                 if time.monotonic() - started < load_seconds:
-                    self.send_json(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+                    self.send_json(
+                        503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+                    )
                 else:
                     self.send_json(200, {"status": "ok"})
                 return
@@ -87,7 +89,9 @@ def main() -> int:
             length = int(self.headers.get("Content-Length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
             if api_key and self.headers.get("Authorization") != f"Bearer {api_key}":
-                self.send_json(401, {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}})
+                self.send_json(
+                    401, {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}}
+                )
                 return
             if self.path == "/v1/chat/completions" and body.get("stream"):
                 self.send_response(200)
@@ -112,13 +116,16 @@ def main() -> int:
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     if load_seconds:
+
         def progress() -> None:
             while time.monotonic() - started < load_seconds:
                 log("I", "loading...")
                 time.sleep(0.05)
+
         threading.Thread(target=progress, daemon=True).start()
     stop = threading.Event()
     if "flood" in MODES:
+
         def chatter() -> None:
             i = 0
             while not stop.is_set():
@@ -126,6 +133,7 @@ def main() -> int:
                 i += 1
                 if i % 1000 == 0:
                     time.sleep(0.001)
+
         threading.Thread(target=chatter, daemon=True).start()
     log("I", f"listening on http://{host}:{port}")
 

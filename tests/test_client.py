@@ -33,7 +33,10 @@ def test_json_call_sends_bearer_and_body(client: LlamaClient) -> None:
     responses.post(
         BASE + "/tokenize",
         json={"tokens": [1, 2]},
-        match=[matchers.json_params_matcher({"content": "hi é"}), matchers.header_matcher({"Authorization": "Bearer k1"})],
+        match=[
+            matchers.json_params_matcher({"content": "hi é"}),
+            matchers.header_matcher({"Authorization": "Bearer k1"}),
+        ],
     )
     assert client.tokenize("hi é") == {"tokens": [1, 2]}
     sent = responses.calls[0].request
@@ -43,7 +46,8 @@ def test_json_call_sends_bearer_and_body(client: LlamaClient) -> None:
 
 @responses.activate
 @pytest.mark.parametrize(
-    ("status", "cls"), [(400, BadRequestError), (401, AuthenticationError), (404, NotFoundError), (503, ServiceUnavailableError)]
+    ("status", "cls"),
+    [(400, BadRequestError), (401, AuthenticationError), (404, NotFoundError), (503, ServiceUnavailableError)],
 )
 def test_status_raises_typed_error_with_body(client: LlamaClient, status: int, cls: type) -> None:
     body = {"error": {"code": status, "message": "nope", "type": "x"}}
@@ -81,7 +85,9 @@ def test_every_endpoint_path(client: LlamaClient) -> None:
 
 @responses.activate
 def test_stream_true_returns_stream(client: LlamaClient) -> None:
-    responses.post(BASE + "/v1/chat/completions", body=b'data: {"n":1}\n\ndata: [DONE]\n\n', content_type="text/event-stream")
+    responses.post(
+        BASE + "/v1/chat/completions", body=b'data: {"n":1}\n\ndata: [DONE]\n\n', content_type="text/event-stream"
+    )
     with client.chat_completions({"messages": [], "stream": True}) as stream:
         assert isinstance(stream, Stream)
         assert list(stream) == [{"n": 1}]

@@ -84,7 +84,18 @@ def test_validation_names_every_bad_field() -> None:
             rpc=["nohost"], jinja="yes", batch_size=8, ubatch_size=16, extra_args="--a b",  # type: ignore[arg-type]
         )  # fmt: skip
     problems = info.value.problems
-    for name in ("port", "n_ctx", "n_parallel", "cache_type_k", "pooling", "flash_attn", "rpc", "jinja", "ubatch_size", "extra_args"):
+    for name in (
+        "port",
+        "n_ctx",
+        "n_parallel",
+        "cache_type_k",
+        "pooling",
+        "flash_attn",
+        "rpc",
+        "jinja",
+        "ubatch_size",
+        "extra_args",
+    ):
         assert any(p.startswith(name) for p in problems), (name, problems)
     assert "port: must be between 1 and 65535, got 70000" in str(info.value)
     assert info.value.code == "server_error-config_error"
@@ -105,7 +116,14 @@ def test_api_key_hidden_in_repr_and_to_dict() -> None:
 def test_dict_round_trip() -> None:
     args = LlamaServerArgs(model="m.gguf", alias="a", n_ctx=512, rpc=["h:1"], extra_args=["--x", "y z"], jinja=False)
     data = args.to_dict(include_secrets=True)
-    assert data == {"model": "m.gguf", "alias": "a", "n_ctx": 512, "jinja": False, "rpc": ["h:1"], "extra_args": ["--x", "y z"]}
+    assert data == {
+        "model": "m.gguf",
+        "alias": "a",
+        "n_ctx": 512,
+        "jinja": False,
+        "rpc": ["h:1"],
+        "extra_args": ["--x", "y z"],
+    }
     assert LlamaServerArgs.from_dict(data) == args
 
 

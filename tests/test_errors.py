@@ -82,7 +82,10 @@ def test_builtin_bases() -> None:
 def test_hf_cache_path_shown_from_hf_home(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     path = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc" / "m.gguf"
-    assert str(ModelNotFound(str(path))) == "Model file does not exist: $HF_HOME/hub/models--org--name/snapshots/abc/m.gguf."
+    assert (
+        str(ModelNotFound(str(path)))
+        == "Model file does not exist: $HF_HOME/hub/models--org--name/snapshots/abc/m.gguf."
+    )
     assert str(ModelNotFound("/elsewhere/m.gguf")) == "Model file does not exist: /elsewhere/m.gguf."
 
 

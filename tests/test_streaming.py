@@ -8,7 +8,7 @@ import requests
 import responses
 
 from llama_proc.errors import APIConnectionError, APIStreamError
-from llama_proc.streaming import SSEDecoder, ServerSentEvent, Stream, iter_events
+from llama_proc.streaming import ServerSentEvent, SSEDecoder, Stream, iter_events
 
 
 def decode(*chunks: bytes) -> list[ServerSentEvent]:
@@ -31,7 +31,9 @@ def test_crlf_split_across_chunks_counts_once() -> None:
 
 
 def test_every_split_point_gives_the_same_events() -> None:
-    stream = b'event: message\r\ndata: {"a":1}\r\n\r\n: comment\r\ndata: line1\r\ndata: line2\r\n\r\ndata: [DONE]\r\n\r\n'
+    stream = (
+        b'event: message\r\ndata: {"a":1}\r\n\r\n: comment\r\ndata: line1\r\ndata: line2\r\n\r\ndata: [DONE]\r\n\r\n'
+    )
     expected = decode(stream)
     assert [e.data for e in expected] == ['{"a":1}', "line1\nline2", "[DONE]"]
     for i in range(len(stream) + 1):
@@ -52,7 +54,10 @@ def test_multibyte_char_split_across_chunks() -> None:
 
 def test_comments_fields_and_flush() -> None:
     events = decode(b": ping\n\nid: 7\nretry: 100\nevent: error\ndata:no-space\n\ndata: tail-without-blank-line")
-    assert events == [ServerSentEvent("no-space", "error", "7", 100), ServerSentEvent("tail-without-blank-line", None, "7")]
+    assert events == [
+        ServerSentEvent("no-space", "error", "7", 100),
+        ServerSentEvent("tail-without-blank-line", None, "7"),
+    ]
 
 
 def test_decoder_is_incremental() -> None:

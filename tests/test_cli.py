@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_proc import __version__
+from llama_proc.cli import main
+
+from .conftest import pid_alive, wait_until
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llama_proc", *args], capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+
+
+def test_version_and_help() -> None:
+    done = run_cli("--version")
+    assert done.returncode == 0 and __version__ in done.stdout
+    assert "serve" in run_cli("--help").stdout
+
+
+def test_errors_are_one_clear_line(tmp_path: Path) -> None:
+    out = io.StringIO()
+    code = main(["serve", "--model", str(tmp_path / "missing.gguf"), "--executable", sys.executable], out=out)
+    assert code == 2
+    bad = run_cli("serve", "--model", "m.gguf", "--n-ctx", "lots")
+    assert bad.returncode == 2
+    assert "server_error-config_error" in bad.stderr and "n_ctx" in bad.stderr
+
+
+@pytest.mark.integration
+def test_which(llama_exe: Path) -> None:
+    done = run_cli("which", "--variant", "cpu")
+    assert done.returncode == 0 and Path(done.stdout.strip()).name == "llama-server"
+
+
+@pytest.mark.integration
+def test_serve_until_ctrl_c(llama_exe: Path, tiny_model: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_proc", "serve", "--executable", str(llama_exe), "--model", str(tiny_model),
+         "--alias", "tiny", "--n-ctx", "256", "--no-webui", "--", "--log-prefix"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"pid (\d+) ready at (http://\S+)", line)
+        assert match, line
+        server_pid = int(match.group(1))
+        import requests
+
+        assert requests.get(match.group(2) + "/v1/models", timeout=5).json()["data"][0]["id"] == "tiny"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "stopped (status 0)" in out
+        assert wait_until(lambda: not pid_alive(server_pid), 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.integration
+def test_demo(llama_exe: Path, tiny_model: Path) -> None:
+    done = run_cli("demo", timeout=300)
+    assert done.returncode == 0, done.stderr
+    for label in ("llama-server:", "model:", "started:", "chat:", "stream:", "stopped:"):
+        assert label in done.stdout
+    assert re.search(r"(\d+) chunks, first after", done.stdout)
+    assert "status 0" in done.stdout
+
+
+def test_serve_accepts_every_config_field() -> None:
+    from llama_proc.cli import _parser, _server_args_from
+
+    ns = _parser().parse_args(
+        ["serve", "--model", "m.gguf", "--n-ctx", "128", "--jinja", "--no-cont-batching", "--embeddings",
+         "--rpc", "h:1", "--rpc", "h:2", "--flash-attn", "auto", "--", "--system-prompt", "two words"]
+    )  # fmt: skip
+    args = _server_args_from(ns)
+    assert args.n_ctx == 128 and args.jinja is True and args.cont_batching is False and args.embeddings is True
+    assert args.rpc == ("h:1", "h:2") and args.flash_attn == "auto"
+    assert args.extra_args == ("--system-prompt", "two words")
+    assert os.environ.get("LLAMA_PROC_MODEL") is None
