@@ -291,11 +291,22 @@ def _rpc_target(root: Path) -> str:
     return "rpc-server"
 
 
+def _tool_env() -> dict[str, str]:
+    """The environment for build tools: the interpreter's own bin folder is searched too, so that
+    ``pip install cmake ninja`` into a virtual environment is enough even when it is not activated."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join(p for p in (env.get("PATH", ""), os.path.dirname(sys.executable)) if p)
+    return env
+
+
 def _run_logged(cmd: list[str], progress: ProgressCallback | None, tail: deque[str]) -> None:
     _log.info("running %s", " ".join(cmd))
+    env = _tool_env()
+    resolved = shutil.which(cmd[0], path=env["PATH"]) or cmd[0]
     try:
         proc = subprocess.Popen(
-            cmd,
+            [resolved, *cmd[1:]],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -358,7 +369,8 @@ def build_from_source(
     src = Path(source).expanduser()
     if not src.exists():
         raise ConfigError([f"source: {src} does not exist"])
-    if shutil.which("cmake") is None:
+    tool_path = _tool_env()["PATH"]
+    if shutil.which("cmake", path=tool_path) is None:
         raise BuildError("cmake is not installed; install it (for example `pip install cmake`) and retry")
     target = current_target()
     cache = cache_dir()
@@ -404,7 +416,7 @@ def build_from_source(
         build_dir = cache / "build" / key
         rpc_target = _rpc_target(root)
         flags = [*_BASE_FLAGS, *_VARIANT_FLAGS[variant], *extra_cmake_args]
-        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        generator = ["-G", "Ninja"] if shutil.which("ninja", path=tool_path) else []
         tail: deque[str] = deque(maxlen=40)
         _run_logged(["cmake", "-S", str(root), "-B", str(build_dir), *generator, *flags], progress, tail)
         _run_logged(
