@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -26,7 +27,7 @@ import time
 import zipfile
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import IO, Callable, Iterable, Optional
 
 import appdirs
 import filelock
@@ -313,25 +314,54 @@ def _run_logged(cmd: list[str], progress: ProgressCallback | None, tail: deque[s
             bufsize=1,
             text=True,
             errors="replace",
+            start_new_session=os.name == "posix",
         )
     except OSError as exc:
         raise BuildError(f"cannot run {cmd[0]}: {exc}") from exc
     assert proc.stdout is not None
-    with proc:
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            tail.append(line)
-            _log.debug("%s", line)
-            if progress is not None:
-                match = _PROGRESS_RE.match(line)
-                fraction: float | None = None
-                if match and match.group(1):
-                    fraction = int(match.group(1)) / max(1, int(match.group(2)))
-                elif match and match.group(3):
-                    fraction = int(match.group(3)) / 100
-                progress(fraction, line)
+    try:
+        _pump_build_output(proc.stdout, progress, tail)
+    except BaseException:
+        # interrupted (Ctrl-C, a timeout): take the whole build down with us, compilers included
+        _kill_group(proc)
+        raise
+    finally:
+        proc.stdout.close()
+        proc.wait()
     if proc.returncode != 0:
         raise BuildError(f"{' '.join(cmd[:3])} ... exited with status {proc.returncode}", list(tail))
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    # SIGTERM first: ninja and make stop the compilers they run in process groups of their own.
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+        try:
+            if os.name == "posix":
+                os.killpg(proc.pid, sig)
+            else:  # pragma: no cover - Windows
+                proc.kill()
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _pump_build_output(stream: IO[str], progress: ProgressCallback | None, tail: deque[str]) -> None:
+    for raw in stream:
+        line = raw.rstrip()
+        tail.append(line)
+        _log.debug("%s", line)
+        if progress is not None:
+            match = _PROGRESS_RE.match(line)
+            fraction: float | None = None
+            if match and match.group(1):
+                fraction = int(match.group(1)) / max(1, int(match.group(2)))
+            elif match and match.group(3):
+                fraction = int(match.group(3)) / 100
+            progress(fraction, line)
 
 
 def _read_info(directory: Path) -> dict[str, object] | None:

@@ -32,20 +32,51 @@ def fake_exe(tmp_path: Path) -> Path:
     return fake_executable(tmp_path)
 
 
-@pytest.fixture(scope="session")
-def llama_exe() -> Path:
-    """The real llama-server: found, or built from the pinned source into the user cache once."""
+def _ensure_real_server(config: pytest.Config) -> Path:
     try:
         return binaries.find_executable("cpu")
     except ExecutableNotFound:
         pass
-    source = binaries.fetch_source()
-    return binaries.build_from_source(source, "cpu").llama_server
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(text: str) -> None:
+        if reporter is not None:
+            reporter.write_line(text)
+
+    say("llama-server not found: building it from the pinned llama.cpp source into the user cache (once)")
+    started = time.monotonic()
+    last = [-1]
+
+    def progress(fraction: float | None, line: str) -> None:
+        if fraction is not None and int(fraction * 10) > last[0]:
+            last[0] = int(fraction * 10)
+            say(f"  build {fraction:.0%} after {time.monotonic() - started:.0f}s")
+
+    return binaries.build_from_source(binaries.fetch_source(), "cpu", progress=progress).llama_server
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the binary and write the model before any test runs, outside the per-test timeout."""
+    if any(item.get_closest_marker("integration") for item in session.items):
+        session.config.stash[_EXE] = _ensure_real_server(session.config)
+        session.config.stash[_MODEL] = ensure_tiny_model()
+
+
+_EXE = pytest.StashKey[Path]()
+_MODEL = pytest.StashKey[Path]()
 
 
 @pytest.fixture(scope="session")
-def tiny_model() -> Path:
-    return ensure_tiny_model()
+def llama_exe(pytestconfig: pytest.Config) -> Path:
+    """The real llama-server: found, or built from the pinned source into the user cache once."""
+    exe = pytestconfig.stash.get(_EXE, None)
+    return exe if exe is not None else _ensure_real_server(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(pytestconfig: pytest.Config) -> Path:
+    model = pytestconfig.stash.get(_MODEL, None)
+    return model if model is not None else ensure_tiny_model()
 
 
 @pytest.fixture(scope="session")

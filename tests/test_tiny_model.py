@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 gguf = pytest.importorskip("gguf")
 
 from llama_proc.tiny_model import TINY_CHAT_TEMPLATE, ensure_tiny_model, write_tiny_model  # noqa: E402
