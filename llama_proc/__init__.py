@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from ._version import __version__
 from .binaries import BuildResult, build_from_source, cache_dir, fetch_source, find_executable
 from .client import LlamaClient
 from .config import FlagDialect, LlamaServerArgs
@@ -44,8 +45,6 @@ from .errors import (
 from .platforms import current_target, default_variant
 from .server import LlamaServer, Server, flag_dialect
 from .streaming import Stream
-
-__version__ = "0.1.0"
 
 __all__ = [
     "APIConnectionError",

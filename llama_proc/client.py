@@ -22,9 +22,11 @@ from typing import Any, Callable, Mapping, Union
 import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
+from requests.utils import get_encoding_from_headers
 from urllib3.util.retry import Retry
 
 from ._transport import translate_error
+from ._version import __version__
 from .errors import make_status_error
 from .streaming import Stream
 
@@ -57,9 +59,37 @@ _SOCKET_OPTIONS = [
 
 
 class _Adapter(HTTPAdapter):
+    """An adapter for exactly one plain-HTTP server: the per-call work of the general adapter
+    (URL parsing to pick a pool, proxy and TLS checks, cookie extraction) is done once or not at all."""
+
+    def __init__(self, base_url: str, pool_maxsize: int, max_retries: Retry) -> None:
+        super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=max_retries)
+        self._pool = self.poolmanager.connection_from_url(base_url)
+
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
         pool_kwargs.setdefault("socket_options", _SOCKET_OPTIONS)
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+
+    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None, cert: Any = None) -> Any:
+        return self._pool
+
+    def cert_verify(self, conn: Any, url: Any, verify: Any, cert: Any) -> None:
+        return None  # plain HTTP on a local address: nothing to verify
+
+    def request_url(self, request: Any, proxies: Any) -> str:
+        return str(request.path_url)
+
+    def build_response(self, req: Any, resp: Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = CaseInsensitiveDict(resp.headers)
+        response.encoding = get_encoding_from_headers(response.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
 
 
 def _body_of(response: requests.Response) -> Any:
@@ -71,15 +101,60 @@ def _body_of(response: requests.Response) -> Any:
 
 
 class Endpoints:
-    """llama-server's endpoints, written once over two primitives that subclasses provide."""
+    """llama-server's endpoints, written once over two primitives that subclasses provide:
+    ``_send_raw`` (one request, any status) and ``_stream`` (a response -> :class:`Stream`)."""
 
-    def _call(
-        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
+    def _send_raw(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        timeout: Timeout | object = ...,
     ) -> requests.Response:
         raise NotImplementedError
 
     def _stream(self, response: requests.Response, url: str) -> Stream:
         raise NotImplementedError
+
+    def _call(
+        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
+    ) -> requests.Response:
+        """One request; a status >= 400 raises the matching :class:`~llama_proc.errors.APIStatusError`."""
+        response = self._send_raw(method, path, body, stream=stream, timeout=timeout)
+        if response.status_code >= 400:
+            try:
+                error_body = _body_of(response)
+            finally:
+                response.close()
+            raise make_status_error(response.status_code, error_body, response.url)
+        return response
+
+    def forward(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        stream: bool = False,
+        *,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: Timeout | object = ...,
+    ) -> requests.Response:
+        """Send a request as it is and return the raw response, whatever its status (for proxies).
+
+        With ``stream=True`` the body is not read: iterate ``response.iter_content(None)`` to pass
+        bytes on as they arrive, and close the response when done. A header given an empty value
+        is removed (``headers={"Authorization": ""}`` sends no key).
+
+        :raises APIConnectionError: when the server cannot be reached.
+        """
+        if not path.startswith("/"):
+            path = "/" + path
+        body = data if data is not None else json
+        return self._send_raw(method.upper(), path, body, headers=headers, stream=stream, timeout=timeout)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -188,7 +263,8 @@ class LlamaClient(Endpoints):
         self._error_hint = error_hint
         session = requests.Session()
         session.trust_env = False
-        session.headers["Accept"] = "application/json"
+        session.headers.update({"User-Agent": f"llama-proc/{__version__}", "Accept": "application/json"})
+        del session.headers["Accept-Encoding"]  # llama-server does not compress; skip the decoder
         if api_key:
             session.headers["Authorization"] = f"Bearer {api_key}"
         retry = Retry(
@@ -201,7 +277,7 @@ class LlamaClient(Endpoints):
             backoff_factor=0.05,
             raise_on_status=False,
         )
-        self._adapter = _Adapter(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=retry)
+        self._adapter = _Adapter(self.base_url, pool_maxsize, retry)
         session.mount(self.base_url + "/", self._adapter)
         self.session = session
         self._headers = {k: v if isinstance(v, str) else v.decode() for k, v in session.headers.items()}
@@ -218,6 +294,7 @@ class LlamaClient(Endpoints):
         hdrs: CaseInsensitiveDict[str] = CaseInsensitiveDict(self._headers)
         if headers:
             hdrs.update(headers)
+            hdrs = CaseInsensitiveDict({k: v for k, v in hdrs.items() if v})  # an empty value removes a header
         if body is not None:
             if isinstance(body, (bytes, bytearray)):
                 data = bytes(body)
@@ -232,7 +309,17 @@ class LlamaClient(Endpoints):
         request.hooks = {"response": []}
         return request
 
-    def _send(self, request: requests.PreparedRequest, *, stream: bool, timeout: Timeout | object) -> requests.Response:
+    def _send_raw(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        timeout: Timeout | object = ...,
+    ) -> requests.Response:
+        request = self._prepare(method, path, body, headers)
         effective = self.timeout if timeout is ... else timeout
         try:
             return self._adapter.send(
@@ -246,46 +333,8 @@ class LlamaClient(Endpoints):
         except requests.RequestException as exc:
             raise translate_error(exc, request.url or "", self._error_hint() if self._error_hint else "") from None
 
-    def _call(
-        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
-    ) -> requests.Response:
-        request = self._prepare(method, path, body, None)
-        response = self._send(request, stream=stream, timeout=timeout)
-        if response.status_code >= 400:
-            try:
-                error_body = _body_of(response)
-            finally:
-                response.close()
-            raise make_status_error(response.status_code, error_body, request.url or "")
-        return response
-
     def _stream(self, response: requests.Response, url: str) -> Stream:
         return Stream(response, url=url, error_hint=self._error_hint)
-
-    # -- raw access ---------------------------------------------------------------------------
-
-    def forward(
-        self,
-        method: str,
-        path: str,
-        json: Any = None,
-        stream: bool = False,
-        *,
-        data: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        timeout: Timeout | object = ...,
-    ) -> requests.Response:
-        """Send a request as it is and return the raw response, whatever its status (for proxies).
-
-        With ``stream=True`` the body is not read: iterate ``response.iter_content(None)`` to pass
-        bytes on as they arrive, and close the response when done.
-
-        :raises APIConnectionError: when the server cannot be reached.
-        """
-        if not path.startswith("/"):
-            path = "/" + path
-        request = self._prepare(method.upper(), path, data if data is not None else json, headers)
-        return self._send(request, stream=stream, timeout=timeout)
 
     def close(self) -> None:
         """Close the pooled connections (idempotent)."""

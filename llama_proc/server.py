@@ -439,27 +439,20 @@ class LlamaServer(Endpoints):
             return f"llama-server exited with status {proc.returncode}" + (": " + " | ".join(last) if last else "")
         return ""
 
-    def _call(
-        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
-    ) -> requests.Response:
-        return self._require_client()._call(method, path, body, stream=stream, timeout=timeout)
-
-    def _stream(self, response: requests.Response, url: str) -> Stream:
-        return self._require_client()._stream(response, url)
-
-    def forward(
+    def _send_raw(
         self,
         method: str,
         path: str,
-        json: Any = None,
-        stream: bool = False,
+        body: Any,
         *,
-        data: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        stream: bool = False,
         timeout: Timeout | object = ...,
     ) -> requests.Response:
-        """Send a request as it is and return the raw response whatever its status (see :meth:`LlamaClient.forward`)."""
-        return self._require_client().forward(method, path, json, stream, data=data, headers=headers, timeout=timeout)
+        return self._require_client()._send_raw(method, path, body, headers=headers, stream=stream, timeout=timeout)
+
+    def _stream(self, response: requests.Response, url: str) -> Stream:
+        return self._require_client()._stream(response, url)
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else ("stopped" if self._stopped else "not started")

@@ -141,3 +141,22 @@ def test_non_gguf_model_fails_fast(llama_exe: Path, tmp_path: Path, no_leaks: No
     with pytest.raises(StartupError) as info:
         LlamaServer(llama_exe, LlamaServerArgs(model=bogus)).start()
     assert info.value.exit_code not in (None, 0)
+
+
+def test_port_taken_by_another_process_retries(
+    llama_exe: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, no_leaks: None
+) -> None:
+    import socket
+
+    from llama_proc import server as server_mod
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        picks = iter([taken])
+        real = server_mod._free_port
+        monkeypatch.setattr(server_mod, "_free_port", lambda host: next(picks, None) or real(host))
+        with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256)) as server:
+            assert server.port != taken
+            assert server.health() == {"status": "ok"}

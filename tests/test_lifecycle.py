@@ -225,3 +225,10 @@ def test_forgotten_server_is_stopped_by_finalizer(fake_exe: Path, model: Path) -
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not pid_alive(pid)
+
+
+def test_host_that_cannot_bind(fake_exe: Path, model: Path) -> None:
+    server = make(fake_exe, model, args=LlamaServerArgs(model=model, host="192.0.2.1"))  # TEST-NET-1: not ours
+    with pytest.raises(StartupError, match=r"cannot bind 192\.0\.2\.1"):
+        server.start()
+    assert not server.is_running()
