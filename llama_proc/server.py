@@ -23,6 +23,7 @@ from .errors import (
     HealthCheckError,
     ModelNotFound,
     ServerAlreadyRunning,
+    ServerNotReady,
     ServerNotRunning,
     StartupError,
     StartupTimeout,
@@ -211,6 +212,9 @@ class LlamaServer(Endpoints):
         self._client: LlamaClient | None = None
         self._running_args: LlamaServerArgs | None = None
         self._stopped = False
+        self._starting = False
+        self._pending: ServerProcess | None = None  # the process of a start() in progress
+        self._abort = threading.Event()
         self._last_exit: int | None = None
 
     # -- properties ---------------------------------------------------------------------------
@@ -249,8 +253,8 @@ class LlamaServer(Endpoints):
 
     @property
     def pid(self) -> int | None:
-        """The process id while running."""
-        proc = self._proc
+        """The process id while running (or starting)."""
+        proc = self._proc or self._pending
         return proc.pid if proc is not None and proc.is_running() else None
 
     @property
@@ -264,8 +268,8 @@ class LlamaServer(Endpoints):
         return proc is not None and proc.is_running()
 
     def log_tail(self, n: int = 20) -> list[str]:
-        """The server's last ``n`` output lines."""
-        proc = self._proc
+        """The server's last ``n`` output lines (also while it starts)."""
+        proc = self._proc or self._pending
         return proc.log_tail(n) if proc is not None else []
 
     @property
@@ -291,54 +295,64 @@ class LlamaServer(Endpoints):
             if self._proc is not None and self._proc.is_running():
                 raise ServerAlreadyRunning(self._proc.pid or 0, self.base_url)
             self._discard()
-            model = self._args.model
-            if not model.is_file():
-                raise ModelNotFound(str(model))
-            if not os.access(model, os.R_OK):
-                raise StartupError(f"the model file {model} is not readable; check its permissions")
-            executable = self.executable
-            dialect = flag_dialect(executable)
-            fixed_port = self._args.port
-            if fixed_port is not None:
-                _check_port_free(self._args.host, fixed_port)
-            env = None
-            if self._env:
-                env = dict(os.environ)
-                env.update(self._env)
-            for attempt in range(1, _PORT_ATTEMPTS + 1):
-                port = fixed_port if fixed_port is not None else self._pick_port()
-                args = self._args if fixed_port is not None else self._args.evolve(port=port)
-                argv = [str(executable), *args.to_args(dialect)]
-                _log.info("starting %s", " ".join(_redact(argv)))
-                proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self._stop_timeout)
-                proc.start()
-                try:
-                    self._wait_ready(proc, args)
-                except _PortTaken:
-                    proc.stop(self._stop_timeout)
-                    if fixed_port is not None or attempt == _PORT_ATTEMPTS:
-                        raise StartupError(
-                            f"port {port} was taken by another process ({attempt} attempt(s))",
-                            proc.returncode,
-                            proc.log_tail(),
-                        ) from None
-                    _log.info("port %d was taken; retrying on another port", port)
-                    continue
-                except BaseException:
-                    proc.stop(self._stop_timeout)
-                    raise
-                self._proc = proc
-                self._running_args = args
-                self._stopped = False
-                self._client = LlamaClient(
-                    self.base_url,
-                    api_key=args.api_key,
-                    timeout=self._request_timeout,
-                    pool_maxsize=max(DEFAULT_POOL_SIZE, 2 * (args.n_parallel or 1)),
-                    error_hint=self._error_hint,
-                )
-                _log.info("llama-server pid %s ready at %s", proc.pid, self.base_url)
-                return
+            self._starting = True
+            self._abort.clear()
+            try:
+                self._start_locked()
+            finally:
+                self._starting = False
+                self._pending = None
+
+    def _start_locked(self) -> None:
+        model = self._args.model
+        if not model.is_file():
+            raise ModelNotFound(str(model))
+        if not os.access(model, os.R_OK):
+            raise StartupError(f"the model file {model} is not readable; check its permissions")
+        executable = self.executable
+        dialect = flag_dialect(executable)
+        fixed_port = self._args.port
+        if fixed_port is not None:
+            _check_port_free(self._args.host, fixed_port)
+        env = None
+        if self._env:
+            env = dict(os.environ)
+            env.update(self._env)
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            port = fixed_port if fixed_port is not None else self._pick_port()
+            args = self._args if fixed_port is not None else self._args.evolve(port=port)
+            argv = [str(executable), *args.to_args(dialect)]
+            _log.info("starting %s", " ".join(_redact(argv)))
+            proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self._stop_timeout)
+            proc.start()
+            self._pending = proc
+            try:
+                self._wait_ready(proc, args)
+            except _PortTaken:
+                proc.stop(self._stop_timeout)
+                if fixed_port is not None or attempt == _PORT_ATTEMPTS:
+                    raise StartupError(
+                        f"port {port} was taken by another process ({attempt} attempt(s))",
+                        proc.returncode,
+                        proc.log_tail(),
+                    ) from None
+                _log.info("port %d was taken; retrying on another port", port)
+                continue
+            except BaseException:
+                proc.stop(self._stop_timeout)
+                raise
+            self._proc = proc
+            self._running_args = args
+            self._stopped = False
+            self._client = LlamaClient(
+                self.base_url,
+                api_key=args.api_key,
+                timeout=self._request_timeout,
+                pool_maxsize=max(DEFAULT_POOL_SIZE, 2 * (args.n_parallel or 1)),
+                error_hint=self._error_hint,
+            )
+            _log.info("llama-server pid %s ready at %s", proc.pid, self.base_url)
+            return
 
     def _pick_port(self) -> int:
         try:
@@ -353,6 +367,8 @@ class LlamaServer(Endpoints):
         interval = 0.001
         try:
             while True:
+                if self._abort.is_set():
+                    raise StartupError("stop() was called while the server was starting", None, proc.log_tail())
                 code = proc.poll()
                 if code is not None:
                     proc.wait(1.0)  # let the pumps collect the last lines
@@ -396,6 +412,11 @@ class LlamaServer(Endpoints):
 
         :returns: the exit code, or None if it was never started.
         """
+        pending = self._pending
+        if pending is not None:
+            # a start() is in progress in another thread (which holds the lock): make it give up
+            self._abort.set()
+            pending.stop(self._stop_timeout if timeout is None else timeout)
         with self._lock:
             proc = self._proc
             if self._client is not None:
@@ -427,6 +448,8 @@ class LlamaServer(Endpoints):
     def _require_client(self) -> LlamaClient:
         client = self._client
         if client is None:
+            if self._starting:
+                raise ServerNotReady()
             if self._stopped:
                 raise ServerNotRunning("it was stopped; call start() to run it again")
             raise ServerNotRunning("start() has not been called")
@@ -455,7 +478,15 @@ class LlamaServer(Endpoints):
         return self._require_client()._stream(response, url)
 
     def __repr__(self) -> str:
-        state = "running" if self.is_running() else ("stopped" if self._stopped else "not started")
+        state = (
+            "starting"
+            if self._starting
+            else "running"
+            if self.is_running()
+            else "stopped"
+            if self._stopped
+            else "not started"
+        )
         where = f" {self.base_url}" if self.is_running() else ""
         alias = f" alias={self.args.alias!r}" if self.args.alias else ""
         return f"<LlamaServer {state}{alias} model={str(self.args.model)!r}{where} pid={self.pid}>"

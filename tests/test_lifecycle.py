@@ -19,7 +19,7 @@ from llama_proc.errors import (
     StartupTimeout,
 )
 
-from .conftest import pid_alive
+from .conftest import pid_alive, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -231,4 +231,35 @@ def test_host_that_cannot_bind(fake_exe: Path, model: Path) -> None:
     server = make(fake_exe, model, args=LlamaServerArgs(model=model, host="192.0.2.1"))  # TEST-NET-1: not ours
     with pytest.raises(StartupError, match=r"cannot bind 192\.0\.2\.1"):
         server.start()
+    assert not server.is_running()
+
+
+def test_calls_during_start_are_not_ready_and_stop_aborts_start(fake_exe: Path, model: Path) -> None:
+    import threading
+
+    from llama_proc.errors import ServerNotReady
+
+    server = make(fake_exe, model, "slow-load", env={"FAKE_LOAD_SECONDS": "30"})
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as exc:
+            failure.append(exc)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    assert wait_until(lambda: any("loading" in line for line in server.log_tail(5)), 10)
+    assert server.pid is not None
+    assert "starting" in repr(server)
+    with pytest.raises(ServerNotReady) as info:
+        server.health()
+    assert info.value.http_status == 503
+    t = time.monotonic()
+    server.stop()
+    starter.join(10)
+    assert time.monotonic() - t < 5
+    assert len(failure) == 1 and isinstance(failure[0], StartupError)
+    assert "stop() was called" in str(failure[0])
     assert not server.is_running()
