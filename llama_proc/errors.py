@@ -29,12 +29,15 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BuildError",
+    "ChecksumMismatch",
     "ConfigError",
+    "DownloadError",
     "ExecutableNotFound",
     "HealthCheckError",
     "InternalServerError",
     "IoError",
     "LlamaProcError",
+    "LockTimeout",
     "ModelNotFound",
     "NotFoundError",
     "PermissionDeniedError",
@@ -168,6 +171,61 @@ class IoError(LlamaProcError, OSError):
 
     def _kwargs(self) -> dict[str, Any]:
         return {"reason": self.reason}
+
+
+class ChecksumMismatch(LlamaProcError):
+    """A downloaded file's SHA-256 differs from the published one; the file was deleted."""
+
+    code = "server_error-checksum_mismatch"
+
+    def __init__(self, name: str, expected: str, actual: str) -> None:
+        self.name = name
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            _("Checksum mismatch for {0}: expected sha256 {1}, got {2}; the file was deleted.").format(
+                name, expected, actual
+            )
+        )
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"name": self.name, "expected": self.expected, "actual": self.actual}
+
+
+class DownloadError(LlamaProcError):
+    """A prebuilt binary could not be downloaded; ``hint`` names the ways out."""
+
+    code = "server_error-download_error"
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        self.reason = reason
+        self.hint = hint
+        text = _("Failed to download llama-server: {0}.").format(reason)
+        if hint:
+            text += " " + _("To fix: {0}").format(hint)
+        super().__init__(text)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"reason": self.reason, "hint": self.hint}
+
+
+class LockTimeout(LlamaProcError, TimeoutError):
+    """Another process held an install or build lock for too long."""
+
+    code = "server_error-lock_timeout"
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        super().__init__(
+            _(
+                "Waited {0} seconds for the lock {1}; another install may be stuck. Remove the file if no "
+                "other llama-proc process is running."
+            ).format(f"{timeout:g}", path)
+        )
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"path": self.path, "timeout": self.timeout}
 
 
 # ---------------------------------------------------------------------------------------------

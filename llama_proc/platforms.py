@@ -6,8 +6,10 @@ Targets are named as Rust names them (``x86_64-unknown-linux-gnu``) so that the
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import platform
+import shutil
 import sys
 
 from .errors import ConfigError
@@ -18,7 +20,10 @@ __all__ = [
     "current_target",
     "default_variant",
     "executable_name",
+    "has_nvidia_driver",
+    "has_vulkan_loader",
     "resolve_variant",
+    "runnable_variants",
 ]
 
 #: Every variant a binary can be built for.
@@ -71,3 +76,29 @@ def executable_name(name: str = "llama-server", target: str | None = None) -> st
     """``name`` with ``.exe`` appended on Windows targets."""
     target = target or current_target()
     return name + ".exe" if "windows" in target else name
+
+
+def has_nvidia_driver() -> bool:
+    """True where an NVIDIA driver is loaded (Linux ``/proc/driver/nvidia``) or ``nvidia-smi`` exists."""
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
+def has_vulkan_loader() -> bool:
+    """True where the Vulkan loader library can be found."""
+    return ctypes.util.find_library("vulkan") is not None or ctypes.util.find_library("vulkan-1") is not None
+
+
+def runnable_variants(target: str | None = None) -> list[str]:
+    """The variants this machine can run, best first: cuda (with an NVIDIA driver), metal (on
+    Apple), vulkan (with a Vulkan loader), then cpu."""
+    target = target or current_target()
+    allowed = TARGETS.get(target, ("cpu",))
+    out = []
+    if "cuda" in allowed and has_nvidia_driver():
+        out.append("cuda")
+    if "metal" in allowed and target.endswith("apple-darwin"):
+        out.append("metal")
+    if "vulkan" in allowed and has_vulkan_loader():
+        out.append("vulkan")
+    out.append("cpu")
+    return out

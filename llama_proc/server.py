@@ -15,7 +15,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 import requests
 
-from .binaries import find_executable
+from .binaries import find_executable, library_env
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
 from .config import FlagDialect, LlamaServerArgs
 from .errors import (
@@ -314,10 +314,8 @@ class LlamaServer(Endpoints):
         fixed_port = self._args.port
         if fixed_port is not None:
             _check_port_free(self._args.host, fixed_port)
-        env = None
-        if self._env:
-            env = dict(os.environ)
-            env.update(self._env)
+        env = {**os.environ, **self._env} if self._env else None
+        env = library_env(executable, env) or env
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             port = fixed_port if fixed_port is not None else self._pick_port()
             args = self._args if fixed_port is not None else self._args.evolve(port=port)
