@@ -43,8 +43,9 @@ from .errors import (
     UnprocessableEntityError,
 )
 from .platforms import current_target, default_variant
-from .server import LlamaServer, Server, flag_dialect
+from .server import LlamaServer, Server
 from .streaming import Stream
+from .versions import ServerVersion, flag_dialect, server_version
 
 __all__ = [
     "APIConnectionError",
@@ -76,6 +77,7 @@ __all__ = [
     "ServiceUnavailableError",
     "StartupError",
     "StartupTimeout",
+    "ServerVersion",
     "Stream",
     "UnprocessableEntityError",
     "__version__",
@@ -86,6 +88,7 @@ __all__ = [
     "fetch_source",
     "find_executable",
     "flag_dialect",
+    "server_version",
 ]
 
 logging.getLogger("llama_proc").addHandler(logging.NullHandler())

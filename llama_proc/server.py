@@ -7,7 +7,6 @@ import http.client
 import logging
 import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import requests
 
 from .binaries import find_executable, library_env
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
-from .config import FlagDialect, LlamaServerArgs
+from .config import LlamaServerArgs
 from .errors import (
     ConfigError,
     HealthCheckError,
@@ -30,8 +29,9 @@ from .errors import (
 )
 from .process import ServerProcess
 from .streaming import Stream
+from .versions import flag_dialect
 
-__all__ = ["LlamaServer", "Server", "flag_dialect"]
+__all__ = ["LlamaServer", "Server"]
 
 _log = logging.getLogger("llama_proc.server")
 
@@ -71,55 +71,6 @@ class Server(Protocol):
 
     def detokenize(self, request: Mapping[str, Any] | list[int], *, timeout: Timeout | object = ...) -> dict[str, Any]:
         """Tokens -> text."""
-
-
-# ---------------------------------------------------------------------------------------------
-# what a build understands
-
-
-_dialects: dict[tuple[str, int, int], FlagDialect] = {}
-_dialects_lock = threading.Lock()
-
-
-def flag_dialect(executable: str | os.PathLike[str]) -> FlagDialect:
-    """Learn how ``executable`` spells the flags that changed over time, from its ``--help``.
-
-    Cached per executable (path, size and modification time). An executable whose ``--help`` cannot
-    be read gets the newest spelling.
-    """
-    path = Path(executable)
-    try:
-        st = path.stat()
-    except OSError:
-        return FlagDialect()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    with _dialects_lock:
-        cached = _dialects.get(key)
-    if cached is not None:
-        return cached
-    try:
-        proc = subprocess.run(
-            [str(path), "--help"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False
-        )
-        text = (proc.stdout + proc.stderr).decode("utf-8", errors="replace")
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    if "--model" not in text:
-        dialect = FlagDialect()
-    else:
-        fa_line = next((line for line in text.splitlines() if "--flash-attn" in line), "")
-        dialect = FlagDialect(
-            load_mode="--load-mode" in text,
-            flash_attn_value="on|off" in fa_line or "[on" in fa_line,
-            no_webui="--no-webui" if "--no-webui" in text else "--no-ui",
-            webui="--webui" if "--webui " in text or "--webui," in text else ("--ui" if "--ui " in text else None),
-        )
-    with _dialects_lock:
-        _dialects[key] = dialect
-    return dialect
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def _free_port(host: str) -> int:
