@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -14,12 +16,33 @@ from typing import Any, Sequence, TextIO
 
 import attrs
 
-from . import __version__
-from .binaries import build_from_source, fetch_source, find_executable
+from ._version import __version__
+from .binaries import (
+    BuildResult,
+    bin_roots,
+    build_from_source,
+    cache_dir,
+    choose_variant,
+    ensure_executable,
+    fetch_source,
+    find_executable,
+    install_prebuilt,
+    installed,
+    package_bin_dir,
+)
 from .config import LlamaServerArgs
 from .errors import ExecutableNotFound, LlamaProcError
-from .platforms import VARIANTS
+from .platforms import (
+    VARIANTS,
+    current_target,
+    executable_name,
+    has_nvidia_driver,
+    has_vulkan_loader,
+    runnable_variants,
+)
+from .releases import api_url, release_tag
 from .server import LlamaServer
+from .versions import server_version
 
 __all__ = ["main"]
 
@@ -59,13 +82,13 @@ def _ensure_executable(variant: str | None, out: TextIO) -> Path:
         return find_executable(variant)
     except ExecutableNotFound:
         pass
-    out.write("llama-server not found; building it from the pinned llama.cpp source (a few minutes, once)\n")
+    out.write("llama-server not found: installing it (a prebuilt release, else a build from the pinned source)\n")
     out.flush()
-    source = fetch_source()
     progress = _Progress(out)
-    result = build_from_source(source, variant or "cpu", progress=progress)
-    progress.done()
-    return result.llama_server
+    try:
+        return ensure_executable(variant, progress=progress)
+    finally:
+        progress.done()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +138,14 @@ def _parser() -> argparse.ArgumentParser:
     which = sub.add_parser("which", help="print the llama-server that would run")
     which.add_argument("--variant", choices=VARIANTS, default=None)
 
+    install = sub.add_parser("install", help="install a prebuilt llama-server release (or build one from source)")
+    install.add_argument("--variant", choices=VARIANTS, default=None)
+    install.add_argument("--tag", default=None, help="the llama.cpp release tag (default: the pinned one)")
+    install.add_argument("--from-source", metavar="SRC", help="build from this llama.cpp source tree or archive")
+
+    sub.add_parser("list", help="list the installed llama-server binaries")
+    sub.add_parser("doctor", help="explain which llama-server would run, and why")
+
     serve = sub.add_parser("serve", help="run llama-server in the foreground until Ctrl-C")
     serve.add_argument("--executable", help="the llama-server to run (default: found)")
     serve.add_argument("--startup-timeout", type=float, default=300.0)
@@ -141,6 +172,94 @@ def _cmd_build(ns: argparse.Namespace, out: TextIO) -> int:
     for name, path in result.executables.items():
         out.write(f"  {name}: {path}\n")
     return 0
+
+
+def _cmd_install(ns: argparse.Namespace, out: TextIO) -> int:
+    progress = _Progress(out)
+    try:
+        if ns.from_source:
+            result = build_from_source(Path(ns.from_source), ns.variant or choose_variant(None)[0], progress=progress)
+        else:
+            result = install_prebuilt(ns.variant, tag=ns.tag, progress=progress)
+    finally:
+        progress.done()
+    state = "installed" if result.built else "already installed"
+    out.write(f"{state}: {result.llama_server}\n")
+    return 0
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+
+
+def _describe(result: BuildResult) -> str:
+    info = result.info
+    if info.get("source") == "release":
+        return f"release {info.get('tag')}"
+    if "source_digest" in info:
+        return f"built from {info.get('source')} (sha256 {str(info.get('source_digest'))[:12]})"
+    return "placed by hand"
+
+
+def _version_of(path: Path) -> str:
+    try:
+        v = server_version(path)
+    except LlamaProcError as exc:
+        return f"unknown ({exc})"
+    return (v.tag or v.version or "unknown") + (f", commit {v.commit}" if v.commit else "")
+
+
+def _cmd_list(ns: argparse.Namespace, out: TextIO) -> int:
+    found = installed()
+    if not found:
+        out.write("no llama-server installed; run `llama-proc install` or `llama-proc build`\n")
+        return 1
+    out.write(f"{'variant':8} {'version':24} {'size':>9}  path\n")
+    for result in found:
+        out.write(
+            f"{result.directory.name:8} {_version_of(result.llama_server):24} "
+            f"{_size(result.directory) / 1e6:7.1f}MB  {result.llama_server}  [{_describe(result)}]\n"
+        )
+    return 0
+
+
+def _cmd_doctor(ns: argparse.Namespace, out: TextIO) -> int:
+    target = current_target()
+    variant, why = choose_variant(None)
+    w = out.write
+    w(f"llama-proc {__version__} on {target}, Python {sys.version.split()[0]}\n\n")
+    w("GPU and runtime detection:\n")
+    w(f"  NVIDIA driver: {'yes' if has_nvidia_driver() else 'no'}\n")
+    w(f"  Vulkan loader: {'yes' if has_vulkan_loader() else 'no'}\n")
+    w(f"  Apple Metal:   {'yes' if target.endswith('apple-darwin') else 'no'}\n")
+    w(f"  runnable variants, best first: {', '.join(runnable_variants(target))}\n\n")
+    w(f"variant that would run: {variant}, as {why}\n\n")
+    w("places searched, in order:\n")
+    env_path = os.environ.get("LLAMA_SERVER_PATH")
+    w(f"  LLAMA_SERVER_PATH: {env_path or '(not set)'}\n")
+    exe = executable_name("llama-server", target)
+    for root in bin_roots():
+        for candidate in VARIANTS:
+            path = root / target / candidate / exe
+            if path.is_file():
+                w(f"  {path}: found, {_version_of(path)}\n")
+        if not any((root / target / v / exe).is_file() for v in VARIANTS):
+            w(f"  {root / target}/*/{exe}: nothing\n")
+    on_path = shutil.which(exe)
+    w(f"  {exe} on PATH: {on_path or 'nothing'}\n\n")
+    try:
+        chosen = find_executable(None)
+        w(f"would run: {chosen}\n  {_version_of(chosen)}\n")
+        code = 0
+    except ExecutableNotFound as exc:
+        w(f"would run: nothing. {exc.hint}\n")
+        code = 1
+    w("\ndirectories:\n")
+    w(f"  package bin: {package_bin_dir()}\n")
+    w(f"  user cache:  {cache_dir()}  (LLAMA_PROC_CACHE_DIR overrides it)\n")
+    w(f"  release tag: {release_tag()}  (LLAMA_PROC_LLAMA_CPP_TAG overrides it)\n")
+    w(f"  release API: {api_url()}  (LLAMA_PROC_RELEASES_URL overrides it)\n")
+    return code
 
 
 def _cmd_which(ns: argparse.Namespace, out: TextIO) -> int:
@@ -221,7 +340,15 @@ def _cmd_demo(ns: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-_COMMANDS = {"build": _cmd_build, "which": _cmd_which, "serve": _cmd_serve, "demo": _cmd_demo}
+_COMMANDS = {
+    "build": _cmd_build,
+    "which": _cmd_which,
+    "serve": _cmd_serve,
+    "demo": _cmd_demo,
+    "install": _cmd_install,
+    "list": _cmd_list,
+    "doctor": _cmd_doctor,
+}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

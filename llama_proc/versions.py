@@ -145,7 +145,7 @@ def _run_cached(executable: str | os.PathLike[str], flag: str, parse: Callable[[
         if key in _cache:
             return _cache[key]  # type: ignore[return-value]
     try:
-        proc = subprocess.run([str(path), flag], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+        proc = subprocess.run([str(path), flag], stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False)
         text = (proc.stdout + proc.stderr).decode("utf-8", errors="replace")
     except (OSError, subprocess.SubprocessError) as exc:
         if strict:

@@ -38,6 +38,9 @@ def arg(name: str, default: str) -> str:
 def main() -> int:
     if "--help" in sys.argv:
         return 0
+    if "--version" in sys.argv:
+        sys.stderr.write("version: 9999 (fakefake)\nbuilt with python for fake-platform\n")
+        return 0
     if "ignore-term" in MODES:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if "bad-utf8" in MODES:

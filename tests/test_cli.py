@@ -93,3 +93,52 @@ def test_serve_accepts_every_config_field() -> None:
     assert args.rpc == ("h:1", "h:2") and args.flash_attn == "auto"
     assert args.extra_args == ("--system-prompt", "two words")
     assert os.environ.get("LLAMA_PROC_MODEL") is None
+
+
+@pytest.mark.integration
+def test_list_and_doctor_with_the_source_build(llama_exe: Path) -> None:
+    listed = run_cli("list")
+    assert listed.returncode == 0, listed.stderr
+    assert str(llama_exe) in listed.stdout and "built from" in listed.stdout
+    doctor = run_cli("doctor")
+    assert doctor.returncode == 0, doctor.stderr
+    for text in ("GPU and runtime detection", "NVIDIA driver:", "variant that would run: cpu", "places searched",
+                 "LLAMA_SERVER_PATH", f"would run: {llama_exe}", "user cache:", "release tag: b11434"):  # fmt: skip
+        assert text in doctor.stdout, text
+
+
+def test_install_list_doctor_from_a_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llama_proc import releases
+    from llama_proc.platforms import current_target
+
+    from .fake_releases import FakeReleases, release_members, tar_archive
+
+    env = dict(os.environ, LLAMA_PROC_CACHE_DIR=str(tmp_path / "cache"), PATH=os.path.dirname(sys.executable))
+    env.pop("LLAMA_SERVER_PATH", None)
+    with FakeReleases("b11434") as fake:
+        fake.add(
+            releases.asset_names(current_target(), "cpu", "b11434")[0],
+            tar_archive(release_members("b11434", sys.executable)),
+        )
+        env["LLAMA_PROC_RELEASES_URL"] = fake.url
+        done = subprocess.run([sys.executable, "-m", "llama_proc", "install", "--variant", "cpu"], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "installed:" in done.stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "llama_proc", "list"], env=env, capture_output=True, text=True, check=False
+    )
+    assert "release b11434" in listed.stdout
+    doctor = subprocess.run(
+        [sys.executable, "-m", "llama_proc", "doctor"], env=env, capture_output=True, text=True, check=False
+    )
+    assert f"would run: {tmp_path / 'cache'}" in doctor.stdout
+    empty = dict(env, LLAMA_PROC_CACHE_DIR=str(tmp_path / "empty"), LLAMA_PROC_RELEASES_URL="http://127.0.0.1:9")
+    nothing = subprocess.run(
+        [sys.executable, "-m", "llama_proc", "doctor"], env=empty, capture_output=True, text=True, check=False
+    )
+    assert nothing.returncode == 1 and "would run: nothing" in nothing.stdout
+    failed = subprocess.run(
+        [sys.executable, "-m", "llama_proc", "install"], env=empty, capture_output=True, text=True, check=False
+    )
+    assert failed.returncode == 2 and "server_error-download_error" in failed.stderr

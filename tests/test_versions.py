@@ -30,9 +30,15 @@ UI_ONLY_HELP = """
 
 
 def test_dialects_from_help() -> None:
-    assert dialect_from_help(NEW_HELP) == FlagDialect(load_mode=True, flash_attn_value=True, no_webui="--no-webui", webui="--webui")
-    assert dialect_from_help(OLD_HELP) == FlagDialect(load_mode=False, flash_attn_value=False, no_webui="--no-webui", webui=None)
-    assert dialect_from_help(UI_ONLY_HELP) == FlagDialect(load_mode=False, flash_attn_value=True, no_webui="--no-ui", webui="--ui")
+    assert dialect_from_help(NEW_HELP) == FlagDialect(
+        load_mode=True, flash_attn_value=True, no_webui="--no-webui", webui="--webui"
+    )
+    assert dialect_from_help(OLD_HELP) == FlagDialect(
+        load_mode=False, flash_attn_value=False, no_webui="--no-webui", webui=None
+    )
+    assert dialect_from_help(UI_ONLY_HELP) == FlagDialect(
+        load_mode=False, flash_attn_value=True, no_webui="--no-ui", webui="--ui"
+    )
     assert dialect_from_help("garbage") == FlagDialect()  # unreadable: newest spelling
     assert {c.setting for c in FLAG_CHANGES} == {"load_mode", "flash_attn_value", "no_webui", "webui"}
 
@@ -56,7 +62,9 @@ def test_argv_follows_the_dialect() -> None:
         ("something else", None, None, None, None, None),
     ],
 )  # fmt: skip
-def test_parse_version(text: str, build: int | None, commit: str | None, version: str | None, compiler: str | None, platform: str | None) -> None:
+def test_parse_version(
+    text: str, build: int | None, commit: str | None, version: str | None, compiler: str | None, platform: str | None
+) -> None:
     v = parse_version(text)
     assert (v.build, v.commit, v.version, v.compiler, v.platform) == (build, commit, version, compiler, platform)
     assert v.tag == (f"b{build}" if build else None)
