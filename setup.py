@@ -1,12 +1,62 @@
-"""Packaging entry point; all metadata lives in setup.cfg.
+"""Packaging entry point; the metadata lives in setup.cfg.
 
-``cmdclass`` is where the build hook that places prebuilt ``llama-server`` binaries under
-``llama_proc/bin/{target}/{variant}/`` plugs in; today the package carries no binaries and finds or
-builds them at run time (see ``llama_proc.binaries``).
+Building a wheel also places ``llama-server`` for this platform under ``llama_proc/bin/`` (see
+``llama_proc/_build_hook.py`` for the environment variables that steer or skip it). A wheel that
+carries a binary is tagged for this platform; without one it stays pure Python.
 """
 
-from setuptools import setup
+from __future__ import annotations
 
-CMDCLASS: dict = {}
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # setuptools < 70.1
+    try:
+        from wheel.bdist_wheel import bdist_wheel  # type: ignore[no-redef]
+    except ImportError:  # no wheel support at all: sdists and plain installs still work
+        bdist_wheel = None  # type: ignore[assignment,misc]
+
+HERE = Path(__file__).resolve().parent
+
+
+class BuildPyWithServer(build_py):
+    """``build_py`` that also places the llama-server binary into the built package."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install finds binaries at run time
+        sys.path.insert(0, str(HERE))
+        try:
+            from llama_proc._build_hook import install_into
+        except ImportError as exc:  # the build environment lacks a runtime dependency
+            sys.stderr.write(f"llama-proc: warning: binary placement skipped ({exc})\n")
+            return
+        finally:
+            sys.path.remove(str(HERE))
+        install_into(Path(self.build_lib) / "llama_proc" / "bin")
+
+
+CMDCLASS: dict[str, type] = {"build_py": BuildPyWithServer}
+
+if bdist_wheel is not None:
+
+    class BdistWheel(bdist_wheel):  # type: ignore[misc,valid-type]
+        """Tag the wheel for this platform when it carries binaries."""
+
+        def get_tag(self) -> tuple[str, str, str]:
+            build_lib = Path(self.get_finalized_command("build").build_lib)
+            if any((build_lib / "llama_proc" / "bin").rglob("llama-server*")):
+                self.root_is_pure = False
+                _, _, plat = super().get_tag()
+                return "py3", "none", plat
+            return super().get_tag()  # type: ignore[no-any-return]
+
+    CMDCLASS["bdist_wheel"] = BdistWheel
 
 setup(cmdclass=CMDCLASS)
