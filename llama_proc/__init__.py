@@ -13,7 +13,17 @@ from __future__ import annotations
 import logging
 
 from ._version import __version__
-from .binaries import BuildResult, build_from_source, cache_dir, fetch_source, find_executable
+from .binaries import (
+    BuildResult,
+    build_from_source,
+    cache_dir,
+    choose_variant,
+    ensure_executable,
+    fetch_source,
+    find_executable,
+    install_prebuilt,
+    installed,
+)
 from .client import LlamaClient
 from .config import FlagDialect, LlamaServerArgs
 from .errors import (
@@ -25,12 +35,15 @@ from .errors import (
     AuthenticationError,
     BadRequestError,
     BuildError,
+    ChecksumMismatch,
     ConfigError,
+    DownloadError,
     ExecutableNotFound,
     HealthCheckError,
     InternalServerError,
     IoError,
     LlamaProcError,
+    LockTimeout,
     ModelNotFound,
     NotFoundError,
     PermissionDeniedError,
@@ -57,7 +70,9 @@ __all__ = [
     "BadRequestError",
     "BuildError",
     "BuildResult",
+    "ChecksumMismatch",
     "ConfigError",
+    "DownloadError",
     "ExecutableNotFound",
     "FlagDialect",
     "HealthCheckError",
@@ -67,6 +82,7 @@ __all__ = [
     "LlamaProcError",
     "LlamaServer",
     "LlamaServerArgs",
+    "LockTimeout",
     "ModelNotFound",
     "NotFoundError",
     "PermissionDeniedError",
@@ -83,11 +99,15 @@ __all__ = [
     "__version__",
     "build_from_source",
     "cache_dir",
+    "choose_variant",
     "current_target",
     "default_variant",
+    "ensure_executable",
     "fetch_source",
     "find_executable",
     "flag_dialect",
+    "install_prebuilt",
+    "installed",
     "server_version",
 ]
 
