@@ -239,3 +239,26 @@ def _processes_with(text: str) -> list[int]:
             if text in cmdline:
                 found.append(int(entry))
     return found
+
+
+@pytest.mark.parametrize(
+    ("variant", "flags"),
+    [
+        ("cuda", ["-DGGML_CUDA=ON"]),
+        ("vulkan", ["-DGGML_VULKAN=ON"]),
+        ("metal", ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]),
+    ],
+)
+def test_variant_cmake_flags(cache: Path, tmp_path: Path, variant: str, flags: list[str]) -> None:
+    # the fake tree ignores the GPU switches, so this checks what is passed, not a GPU build
+    result = binaries.build_from_source(fake_source(tmp_path / "src"), variant)
+    assert result.directory == cache / "bin" / TARGET / variant
+    cmake_flags = result.info["cmake_flags"]
+    assert isinstance(cmake_flags, list)
+    for flag in flags:
+        assert flag in cmake_flags
+    assert (
+        "-DGGML_RPC=ON" in cmake_flags
+        and "-DLLAMA_CURL=OFF" in cmake_flags
+        and "-DBUILD_SHARED_LIBS=OFF" in cmake_flags
+    )

@@ -299,3 +299,21 @@ def test_ensure_names_both_ways_out(env: Path, monkeypatch: pytest.MonkeyPatch, 
         binaries.ensure_executable("cpu", source=tmp_path / "no-source")
     text = str(info.value)
     assert "LLAMA_PROC_RELEASES_URL" in text and "--from-source" in text
+
+
+def test_concurrent_installer_processes_one_download(env: Path) -> None:
+    import subprocess
+
+    code = "import sys; from llama_proc import binaries; print(binaries.install_prebuilt('cpu', base_url=sys.argv[1]).built)"
+    with FakeReleases(TAG) as fake:
+        name = _serve_release(fake)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, fake.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(4)
+        ]
+        outputs = [p.communicate(timeout=60) for p in procs]
+        assert fake.downloads(name) == 1
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    assert sorted(out.strip() for out, _ in outputs) == ["False", "False", "False", "True"]
