@@ -663,6 +663,7 @@ def install_prebuilt(
                     asset = assets[name]
                     if asset.sha256 is None:
                         raise DownloadError(f"{name} has no published SHA-256 digest, so it cannot be verified")
+                    _log.info("downloading %s (%s bytes)", asset.url, asset.size or "?")
                     files.append(
                         download(
                             asset.url,

@@ -48,10 +48,11 @@ __all__ = ["main"]
 
 
 class _Progress:
-    """Build progress: a bar on a terminal, a line per 10% otherwise."""
+    """Download and build progress: a bar on a terminal, a line per 10% otherwise."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, verb: str = "building") -> None:
         self.out = out
+        self.verb = verb
         self.tty = out.isatty()
         self.last_decile = -1
         self.started = time.monotonic()
@@ -63,13 +64,13 @@ class _Progress:
         if self.tty:
             width = 30
             done = int(fraction * width)
-            self.out.write(f"\r  building [{'#' * done}{'.' * (width - done)}] {fraction:4.0%} {elapsed:5.0f}s")
+            self.out.write(f"\r  {self.verb} [{'#' * done}{'.' * (width - done)}] {fraction:4.0%} {elapsed:5.0f}s")
             self.out.flush()
         else:
             decile = int(fraction * 10)
             if decile > self.last_decile:
                 self.last_decile = decile
-                self.out.write(f"  building: {fraction:.0%} after {elapsed:.0f}s\n")
+                self.out.write(f"  {self.verb}: {fraction:.0%} after {elapsed:.0f}s\n")
                 self.out.flush()
 
     def done(self) -> None:
@@ -84,7 +85,7 @@ def _ensure_executable(variant: str | None, out: TextIO) -> Path:
         pass
     out.write("llama-server not found: installing it (a prebuilt release, else a build from the pinned source)\n")
     out.flush()
-    progress = _Progress(out)
+    progress = _Progress(out, "installing")
     try:
         return ensure_executable(variant, progress=progress)
     finally:
@@ -175,7 +176,7 @@ def _cmd_build(ns: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_install(ns: argparse.Namespace, out: TextIO) -> int:
-    progress = _Progress(out)
+    progress = _Progress(out, "building" if ns.from_source else "downloading")
     try:
         if ns.from_source:
             result = build_from_source(Path(ns.from_source), ns.variant or choose_variant(None)[0], progress=progress)

@@ -262,3 +262,21 @@ def test_variant_cmake_flags(cache: Path, tmp_path: Path, variant: str, flags: l
         and "-DLLAMA_CURL=OFF" in cmake_flags
         and "-DBUILD_SHARED_LIBS=OFF" in cmake_flags
     )
+
+
+def test_variant_choice_prefers_what_this_machine_runs(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llama_proc import platforms
+
+    for variant in ("cpu", "cuda"):
+        _exe(cache / "bin" / TARGET / variant / "llama-server")
+    monkeypatch.setattr(platforms, "has_nvidia_driver", lambda: False)
+    monkeypatch.setattr(platforms, "has_vulkan_loader", lambda: False)
+    assert binaries.choose_variant(None)[0] == "cpu"  # cuda installed, but no driver
+    monkeypatch.setattr(platforms, "has_nvidia_driver", lambda: True)
+    if "cuda" in platforms.TARGETS.get(TARGET, ()):
+        variant, why = binaries.choose_variant(None)
+        assert variant == "cuda" and "best installed" in why
+        assert binaries.find_executable() == cache / "bin" / TARGET / "cuda" / "llama-server"
+    monkeypatch.setenv("LLAMA_PROC_VARIANT", "cpu")
+    assert binaries.choose_variant(None) == ("cpu", "LLAMA_PROC_VARIANT")
+    assert binaries.choose_variant("vulkan") == ("vulkan", "asked for")
