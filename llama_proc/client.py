@@ -101,29 +101,17 @@ def _body_of(response: requests.Response) -> Any:
 
 
 class Endpoints:
-    """llama-server's endpoints, written once over two primitives that subclasses provide:
-    ``_send_raw`` (one request, any status) and ``_stream`` (a response -> :class:`Stream`)."""
+    """llama-server's endpoints, written once over :meth:`_http`: the :class:`LlamaClient` that
+    sends the requests (the client itself, or the client of a running server)."""
 
-    def _send_raw(
-        self,
-        method: str,
-        path: str,
-        body: Any,
-        *,
-        headers: Mapping[str, str] | None = None,
-        stream: bool = False,
-        timeout: Timeout | object = ...,
-    ) -> requests.Response:
-        raise NotImplementedError
-
-    def _stream(self, response: requests.Response, url: str) -> Stream:
+    def _http(self) -> LlamaClient:
         raise NotImplementedError
 
     def _call(
         self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
     ) -> requests.Response:
         """One request; a status >= 400 raises the matching :class:`~llama_proc.errors.APIStatusError`."""
-        response = self._send_raw(method, path, body, stream=stream, timeout=timeout)
+        response = self._http()._send_raw(method, path, body, stream=stream, timeout=timeout)
         if response.status_code >= 400:
             try:
                 error_body = _body_of(response)
@@ -154,7 +142,7 @@ class Endpoints:
         if not path.startswith("/"):
             path = "/" + path
         body = data if data is not None else json
-        return self._send_raw(method.upper(), path, body, headers=headers, stream=stream, timeout=timeout)
+        return self._http()._send_raw(method.upper(), path, body, headers=headers, stream=stream, timeout=timeout)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -169,8 +157,9 @@ class Endpoints:
 
     def _maybe_stream(self, path: str, request: Mapping[str, Any], timeout: Timeout | object) -> Any:
         if request.get("stream"):
-            response = self._call("POST", path, request, stream=True, timeout=timeout)
-            return self._stream(response, response.url)
+            http = self._http()
+            response = http._call("POST", path, request, stream=True, timeout=timeout)
+            return Stream(response, url=response.url, error_hint=http._error_hint)
         return self._json("POST", path, request, timeout)
 
     # -- generation ---------------------------------------------------------------------------
@@ -333,8 +322,8 @@ class LlamaClient(Endpoints):
         except requests.RequestException as exc:
             raise translate_error(exc, request.url or "", self._error_hint() if self._error_hint else "") from None
 
-    def _stream(self, response: requests.Response, url: str) -> Stream:
-        return Stream(response, url=url, error_hint=self._error_hint)
+    def _http(self) -> LlamaClient:
+        return self
 
     def close(self) -> None:
         """Close the pooled connections (idempotent)."""

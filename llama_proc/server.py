@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
-import requests
-
 from .binaries import find_executable, library_env
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
 from .config import LlamaServerArgs
@@ -28,7 +26,6 @@ from .errors import (
     StartupTimeout,
 )
 from .process import ServerProcess
-from .streaming import Stream
 from .versions import flag_dialect
 
 __all__ = ["LlamaServer", "Server"]
@@ -411,20 +408,8 @@ class LlamaServer(Endpoints):
             return f"llama-server exited with status {proc.returncode}" + (": " + " | ".join(last) if last else "")
         return ""
 
-    def _send_raw(
-        self,
-        method: str,
-        path: str,
-        body: Any,
-        *,
-        headers: Mapping[str, str] | None = None,
-        stream: bool = False,
-        timeout: Timeout | object = ...,
-    ) -> requests.Response:
-        return self._require_client()._send_raw(method, path, body, headers=headers, stream=stream, timeout=timeout)
-
-    def _stream(self, response: requests.Response, url: str) -> Stream:
-        return self._require_client()._stream(response, url)
+    def _http(self) -> LlamaClient:
+        return self._require_client()
 
     def __repr__(self) -> str:
         state = (
