@@ -51,10 +51,12 @@ from .errors import (
     ServerNotReady,
     ServerNotRunning,
     ServiceUnavailableError,
+    SharedServerConflict,
     StartupError,
     StartupTimeout,
     UnprocessableEntityError,
 )
+from .manager import shared_server, stop_all
 from .platforms import current_target, default_variant
 from .server import LlamaServer, Server
 from .streaming import Stream
@@ -91,6 +93,7 @@ __all__ = [
     "ServerNotReady",
     "ServerNotRunning",
     "ServiceUnavailableError",
+    "SharedServerConflict",
     "StartupError",
     "StartupTimeout",
     "ServerVersion",
@@ -109,6 +112,8 @@ __all__ = [
     "install_prebuilt",
     "installed",
     "server_version",
+    "shared_server",
+    "stop_all",
 ]
 
 logging.getLogger("llama_proc").addHandler(logging.NullHandler())

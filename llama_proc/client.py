@@ -15,8 +15,11 @@ Design points:
 
 from __future__ import annotations
 
+import contextlib
 import json as _json
+import os
 import socket
+import weakref
 from typing import Any, Callable, Mapping, Union
 
 import requests
@@ -90,6 +93,18 @@ class _Adapter(HTTPAdapter):
         response.request = req
         response.connection = self
         return response
+
+
+_live_clients: weakref.WeakSet[LlamaClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_live_clients):
+        client._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _body_of(response: requests.Response) -> Any:
@@ -266,9 +281,11 @@ class LlamaClient(Endpoints):
             backoff_factor=0.05,
             raise_on_status=False,
         )
+        self._pool_maxsize = pool_maxsize
         self._adapter = _Adapter(self.base_url, pool_maxsize, retry)
         session.mount(self.base_url + "/", self._adapter)
         self.session = session
+        _live_clients.add(self)
         self._headers = {k: v if isinstance(v, str) else v.decode() for k, v in session.headers.items()}
         self._proxies: dict[str, str] = {}
 
@@ -324,6 +341,15 @@ class LlamaClient(Endpoints):
 
     def _http(self) -> LlamaClient:
         return self
+
+    def _reset_after_fork(self) -> None:
+        # Pooled sockets are shared with the parent after fork(): reusing them would mix the two
+        # processes' requests on one connection. Drop the child's copies and start a fresh pool.
+        old = self._adapter
+        self._adapter = _Adapter(self.base_url, self._pool_maxsize, old.max_retries)
+        self.session.mount(self.base_url + "/", self._adapter)
+        with contextlib.suppress(Exception):
+            old.close()
 
     def close(self) -> None:
         """Close the pooled connections (idempotent)."""

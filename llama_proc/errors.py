@@ -45,6 +45,7 @@ __all__ = [
     "ServerNotReady",
     "ServerNotRunning",
     "ServiceUnavailableError",
+    "SharedServerConflict",
     "StartupError",
     "StartupTimeout",
     "UnprocessableEntityError",
@@ -345,6 +346,24 @@ class ServerAlreadyRunning(LlamaProcError):
 
     def _kwargs(self) -> dict[str, Any]:
         return {"pid": self.pid, "base_url": self.base_url}
+
+
+class SharedServerConflict(LlamaProcError):
+    """:func:`~llama_proc.shared_server` was asked for a configuration other than the running one."""
+
+    code = "server_error-shared_server_conflict"
+
+    def __init__(self, running: str, requested: str) -> None:
+        self.running = running
+        self.requested = requested
+        super().__init__(
+            _(
+                "The shared server runs {0}, but {1} was asked for; pass replace=True to stop it and start the new one."
+            ).format(running, requested)
+        )
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"running": self.running, "requested": self.requested}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,6 +154,16 @@ def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None
         activity.event.set()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # killing: the one place that stops processes
 
@@ -240,6 +250,7 @@ class ServerProcess:
         self._lock = threading.Lock()
         self._exit_code: int | None = None
         self._stopped = False
+        self._owner = 0
         self.started_at: float | None = None
 
     def start(self) -> None:
@@ -274,6 +285,7 @@ class ServerProcess:
         self.started_at = time.monotonic()
         self._activity.last = self.started_at
         self._popen = popen
+        self._owner = os.getpid()
         _guardian.register(popen.pid)
         name = Path(self.argv[0]).name
         for source, stream in (("stdout", popen.stdout), ("stderr", popen.stderr)):
@@ -296,9 +308,17 @@ class ServerProcess:
         return self._popen.pid if self._popen is not None else None
 
     @property
+    def owned(self) -> bool:
+        """True in the process that started the child; False in a forked copy of it, which may
+        use the server but never waits for, signals or stops it."""
+        return self._owner == os.getpid()
+
+    @property
     def returncode(self) -> int | None:
-        """The exit code, once the child has exited."""
-        return self._popen.poll() if self._popen is not None else None
+        """The exit code, once the child has exited (None in a forked process, which cannot know it)."""
+        if self._popen is None or not self.owned:
+            return None
+        return self._popen.poll()
 
     def poll(self) -> int | None:
         """The exit code if the child has exited, else None."""
@@ -306,7 +326,11 @@ class ServerProcess:
 
     def is_running(self) -> bool:
         """True while the child is alive."""
-        return self._popen is not None and self._popen.poll() is None
+        if self._popen is None:
+            return False
+        if not self.owned:
+            return _pid_alive(self._popen.pid)
+        return self._popen.poll() is None
 
     @property
     def last_activity(self) -> float:
@@ -333,7 +357,7 @@ class ServerProcess:
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the child to exit by itself; its exit code, or None on timeout."""
-        if self._popen is None:
+        if self._popen is None or not self.owned:
             return None
         try:
             return self._popen.wait(timeout)
@@ -348,6 +372,8 @@ class ServerProcess:
         with self._lock:
             if self._popen is None:
                 return None
+            if not self.owned:
+                return None  # a forked copy: the process belongs to the parent
             if self._stopped:
                 return self._exit_code
             if self._finalizer is not None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import html
 import http.client
 import logging
 import os
 import socket
 import threading
 import time
+import urllib.parse
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
@@ -18,6 +21,7 @@ from .config import LlamaServerArgs
 from .errors import (
     ConfigError,
     HealthCheckError,
+    LlamaProcError,
     ModelNotFound,
     ServerAlreadyRunning,
     ServerNotReady,
@@ -120,6 +124,9 @@ class LlamaServer(Endpoints):
         sets both; None waits forever. Default: 5 s to connect, 600 s between bytes.
     :param env: extra environment variables for the process.
     :param log_lines: how many of the server's recent output lines :meth:`log_tail` keeps.
+    :param variant: the variant to find when ``executable_path`` is None.
+    :param autostart: start on the first call instead of raising
+        :class:`~llama_proc.errors.ServerNotRunning` (threads arriving during the start wait for it).
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. A server that is never
     stopped is stopped when it is garbage-collected or the interpreter exits, and on Linux and macOS
@@ -137,6 +144,7 @@ class LlamaServer(Endpoints):
         env: Mapping[str, str] | None = None,
         log_lines: int = 200,
         variant: str | None = None,
+        autostart: bool = False,
     ) -> None:
         if not isinstance(args, LlamaServerArgs):
             raise ConfigError([f"args: expected LlamaServerArgs, got {type(args).__name__}"])
@@ -155,6 +163,8 @@ class LlamaServer(Endpoints):
         self._request_timeout = request_timeout
         self._env = dict(env) if env else None
         self._log_lines = log_lines
+        self._autostart = autostart
+        self._attached_url: str | None = None
         self._lock = threading.RLock()
         self._proc: ServerProcess | None = None
         self._client: LlamaClient | None = None
@@ -194,6 +204,8 @@ class LlamaServer(Endpoints):
 
         :raises ServerNotRunning: before the port is known.
         """
+        if self._attached_url is not None:
+            return self._attached_url
         port = self.port
         if port is None:
             raise ServerNotRunning("start() has not been called, so its port is not known yet")
@@ -211,9 +223,52 @@ class LlamaServer(Endpoints):
         return self._proc
 
     def is_running(self) -> bool:
-        """True while the process is alive."""
+        """True while the process is alive (for an attached server: while it answers ``/health``)."""
+        if self._attached_url is not None:
+            try:
+                return self._client is not None and self._client.health(timeout=2.0).get("status") == "ok"
+            except LlamaProcError:
+                return False
         proc = self._proc
         return proc is not None and proc.is_running()
+
+    @property
+    def attached(self) -> bool:
+        """True for a server made with :meth:`attach`: a client that owns no process."""
+        return self._attached_url is not None
+
+    @classmethod
+    def attach(
+        cls,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        request_timeout: Timeout = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
+    ) -> LlamaServer:
+        """A :class:`LlamaServer` for a server that is already running (started by another process,
+        for example the parent of forked web workers). It owns no process: :meth:`start` only checks
+        that the server answers, and :meth:`stop` only closes the connection pool.
+
+        :param base_url: ``http://host:port`` of the running server.
+        :param api_key: the server's API key, sent on every call.
+        """
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or parts.hostname is None or parts.port is None:
+            raise ConfigError([f"base_url: {base_url!r} is not like http://host:port"])
+        args = LlamaServerArgs(model=Path("(attached)"), host=parts.hostname, port=parts.port, api_key=api_key)
+        server = cls(None, args, request_timeout=request_timeout)
+        server._attached_url = f"{parts.scheme}://{parts.netloc}"
+        server._client = LlamaClient(server._attached_url, api_key=api_key, timeout=request_timeout)
+        return server
+
+    def ensure_started(self) -> LlamaServer:
+        """Start the server unless it runs already (safe to call from many threads at once)."""
+        if self._client is not None and self.is_running():
+            return self
+        with self._lock:
+            if self._client is None or not self.is_running():
+                self.start()
+        return self
 
     def log_tail(self, n: int = 20) -> list[str]:
         """The server's last ``n`` output lines (also while it starts)."""
@@ -239,6 +294,11 @@ class LlamaServer(Endpoints):
         :raises StartupError: when the process exits while starting (with its exit code and last lines).
         :raises StartupTimeout: when it stays silent for ``startup_timeout`` seconds without becoming ready.
         """
+        if self._attached_url is not None:
+            health = self._require_client().health()
+            if health.get("status") != "ok":
+                raise HealthCheckError(f"{self._attached_url}/health answered {health!r}")
+            return
         with self._lock:
             if self._proc is not None and self._proc.is_running():
                 raise ServerAlreadyRunning(self._proc.pid or 0, self.base_url)
@@ -288,6 +348,7 @@ class LlamaServer(Endpoints):
                 proc.stop(self._stop_timeout)
                 raise
             self._proc = proc
+            _owned_servers.add(self)
             self._running_args = args
             self._stopped = False
             self._client = LlamaClient(
@@ -371,6 +432,7 @@ class LlamaServer(Endpoints):
             if proc is None:
                 return self._last_exit
             code = proc.stop(self._stop_timeout if timeout is None else timeout)
+            _owned_servers.discard(self)
             self._proc = None
             self._stopped = True
             self._last_exit = code
@@ -393,6 +455,9 @@ class LlamaServer(Endpoints):
 
     def _require_client(self) -> LlamaClient:
         client = self._client
+        if client is None and self._autostart:
+            self.ensure_started()
+            client = self._client
         if client is None:
             if self._starting:
                 raise ServerNotReady()
@@ -411,19 +476,52 @@ class LlamaServer(Endpoints):
     def _http(self) -> LlamaClient:
         return self._require_client()
 
+    def _state(self) -> str:
+        if self._attached_url is not None:
+            return "attached"
+        if self._starting:
+            return "starting"
+        if self.is_running():
+            return "running"
+        return "stopped" if self._stopped else "not started"
+
+    def uptime(self) -> float | None:
+        """Seconds since the server became ready, while it runs."""
+        proc = self._proc
+        if proc is None or proc.started_at is None or not proc.is_running():
+            return None
+        return time.monotonic() - proc.started_at
+
     def __repr__(self) -> str:
-        state = (
-            "starting"
-            if self._starting
-            else "running"
-            if self.is_running()
-            else "stopped"
-            if self._stopped
-            else "not started"
-        )
-        where = f" {self.base_url}" if self.is_running() else ""
+        state = self._state()
+        where = f" {self.base_url}" if state in ("running", "attached") else ""
         alias = f" alias={self.args.alias!r}" if self.args.alias else ""
         return f"<LlamaServer {state}{alias} model={str(self.args.model)!r}{where} pid={self.pid}>"
+
+    def _repr_html_(self) -> str:
+        """A table for notebooks: state, alias, model, URL, pid, uptime and the last log lines."""
+        state = self._state()
+        uptime = self.uptime()
+        rows = [
+            ("state", state),
+            ("alias", self.args.alias or ""),
+            ("model", str(self.args.model)),
+            ("url", self.base_url if state in ("running", "attached") else ""),
+            ("pid", "" if self.pid is None else str(self.pid)),
+            ("uptime", "" if uptime is None else f"{uptime:.1f} s"),
+        ]
+        cells = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+        tail = html.escape("\n".join(self.log_tail(8)))
+        log = f"<details><summary>last log lines</summary><pre>{tail}</pre></details>" if tail else ""
+        return f"<div><strong>LlamaServer</strong><table>{cells}</table>{log}</div>"
+
+
+_owned_servers: weakref.WeakSet[LlamaServer] = weakref.WeakSet()
+
+
+def owned_servers() -> list[LlamaServer]:
+    """The servers whose process this Python process started and that still run."""
+    return [s for s in list(_owned_servers) if s._proc is not None and s._proc.owned]
 
 
 def _redact(argv: list[str]) -> list[str]:
