@@ -15,6 +15,8 @@ from llama_proc import LlamaServer, LlamaServerArgs, binaries
 from llama_proc.errors import ExecutableNotFound
 from llama_proc.tiny_model import ensure_tiny_model
 
+pytest_plugins = ("pytester",)
+
 HERE = Path(__file__).resolve().parent
 FAKE_SERVER = HERE / "fake_llama_server.py"
 
