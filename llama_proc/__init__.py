@@ -45,9 +45,11 @@ from .errors import (
     LlamaProcError,
     LockTimeout,
     ModelNotFound,
+    ModelNotRegistered,
     NotFoundError,
     PermissionDeniedError,
     ServerAlreadyRunning,
+    ServerBusy,
     ServerNotReady,
     ServerNotRunning,
     ServiceUnavailableError,
@@ -56,7 +58,7 @@ from .errors import (
     StartupTimeout,
     UnprocessableEntityError,
 )
-from .manager import shared_server, stop_all
+from .manager import EventKind, ManagerEvent, ServerManager, shared_server, stop_all
 from .platforms import current_target, default_variant
 from .server import LlamaServer, Server
 from .streaming import Stream
@@ -75,6 +77,7 @@ __all__ = [
     "ChecksumMismatch",
     "ConfigError",
     "DownloadError",
+    "EventKind",
     "ExecutableNotFound",
     "FlagDialect",
     "HealthCheckError",
@@ -85,11 +88,15 @@ __all__ = [
     "LlamaServer",
     "LlamaServerArgs",
     "LockTimeout",
+    "ManagerEvent",
     "ModelNotFound",
+    "ModelNotRegistered",
     "NotFoundError",
     "PermissionDeniedError",
     "Server",
     "ServerAlreadyRunning",
+    "ServerBusy",
+    "ServerManager",
     "ServerNotReady",
     "ServerNotRunning",
     "ServiceUnavailableError",

@@ -39,9 +39,11 @@ __all__ = [
     "LlamaProcError",
     "LockTimeout",
     "ModelNotFound",
+    "ModelNotRegistered",
     "NotFoundError",
     "PermissionDeniedError",
     "ServerAlreadyRunning",
+    "ServerBusy",
     "ServerNotReady",
     "ServerNotRunning",
     "ServiceUnavailableError",
@@ -364,6 +366,40 @@ class SharedServerConflict(LlamaProcError):
 
     def _kwargs(self) -> dict[str, Any]:
         return {"running": self.running, "requested": self.requested}
+
+
+class ModelNotRegistered(LlamaProcError, KeyError):
+    """A request named a model alias that the :class:`~llama_proc.ServerManager` does not know (404)."""
+
+    code = "server_error-model_not_registered"
+    http_status = 404
+
+    def __init__(self, alias: str, known: Sequence[str]) -> None:
+        self.alias = alias
+        self.known = list(known)
+        super().__init__(
+            _("No model is registered as {0!r}; known: {1}.").format(alias, ", ".join(self.known) or "none")
+        )
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"alias": self.alias, "known": self.known}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ServerBusy(LlamaProcError):
+    """Every loaded server is busy and too many requests already wait for one (503)."""
+
+    code = "server_error-server_busy"
+    http_status = 503
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(_("All model servers are busy: {0}. Retry later.").format(reason))
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"reason": self.reason}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,17 +8,23 @@ talks to the parent's through :meth:`LlamaServer.attach`.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
+
+import attrs
+import requests
 
 from .config import LlamaServerArgs
-from .errors import SharedServerConflict
+from .errors import ConfigError, ModelNotRegistered, ServerBusy, ServerNotRunning, SharedServerConflict
 from .server import LlamaServer, owned_servers
+from .streaming import Stream
 
-__all__ = ["shared_server", "stop_all"]
+__all__ = ["EventKind", "ManagerEvent", "ServerManager", "shared_server", "stop_all"]
 
 _log = logging.getLogger("llama_proc.manager")
 
@@ -86,3 +92,384 @@ def stop_all() -> list[int | None]:
     """
     codes = [server.stop() for server in owned_servers()]
     return codes
+
+
+# ---------------------------------------------------------------------------------------------
+# many models: ServerManager
+
+
+class EventKind(enum.Enum):
+    """What happened to a managed server."""
+
+    START = "start"  #: a server process became ready
+    STOP = "stop"  #: a server was stopped (idle keep-alive, close(), or replaced)
+    LOAD = "load"  #: a model was loaded on demand for a request
+    EVICT = "evict"  #: a model was unloaded to make room for another
+    CRASH = "crash"  #: a server exited without being asked to
+    RESTART = "restart"  #: a crashed server was started again
+
+
+@attrs.frozen
+class ManagerEvent:
+    """One state change, passed to the listeners of a :class:`ServerManager`."""
+
+    kind: EventKind
+    alias: str
+    detail: str = ""
+
+
+Listener = Callable[[ManagerEvent], None]
+
+
+class _Entry:
+    def __init__(self, alias: str, args: LlamaServerArgs) -> None:
+        self.alias = alias
+        self.args = args
+        self.server: LlamaServer | None = None
+        self.loading = False
+        self.in_flight = 0
+        self.last_used = time.monotonic()
+
+
+class _Lease:
+    """One request's hold on a loaded server; released exactly once."""
+
+    def __init__(self, manager: ServerManager, entry: _Entry, server: LlamaServer) -> None:
+        self._manager = manager
+        self._entry = entry
+        self.server = server
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._manager._release(self._entry)
+
+
+class ServerManager:
+    """Several models behind one object: servers loaded on demand, by the request's ``model`` field.
+
+    * A model loads on its first request; concurrent requests for a model that is loading wait for
+      that one load.
+    * With ``max_loaded`` servers running, the least recently used one with no request in flight is
+      stopped to make room; a busy server is never evicted. Requests that find every server busy wait
+      (at most ``max_waiting`` of them, for at most ``wait_timeout`` seconds) and then raise
+      :class:`~llama_proc.errors.ServerBusy`.
+    * A server with no request for ``keep_alive`` seconds is stopped; idle time counts from the end of
+      the last request or stream. ``-1`` keeps servers forever, ``0`` stops them after each request.
+    * Listeners get a :class:`ManagerEvent` for every start, stop, load, eviction, crash and restart;
+      they are called outside the manager's locks.
+
+    :param executable_path: the ``llama-server`` to run (default: found).
+    :param server_options: keyword options for every :class:`~llama_proc.LlamaServer`.
+    """
+
+    def __init__(
+        self,
+        executable_path: str | os.PathLike[str] | None = None,
+        max_loaded: int = 1,
+        keep_alive: float = 300.0,
+        *,
+        max_waiting: int = 64,
+        wait_timeout: float = 600.0,
+        listeners: Iterable[Listener] = (),
+        **server_options: Any,
+    ) -> None:
+        problems = []
+        if max_loaded < 1:
+            problems.append(f"max_loaded: must be >= 1, got {max_loaded}")
+        if keep_alive < 0 and keep_alive != -1:
+            problems.append(f"keep_alive: must be >= 0 or -1 (forever), got {keep_alive}")
+        if max_waiting < 0:
+            problems.append(f"max_waiting: must be >= 0, got {max_waiting}")
+        if problems:
+            raise ConfigError(problems)
+        self._executable = executable_path
+        self.max_loaded = max_loaded
+        self.keep_alive = keep_alive
+        self.max_waiting = max_waiting
+        self.wait_timeout = wait_timeout
+        self._options = server_options
+        self._listeners = list(listeners)
+        self._entries: dict[str, _Entry] = {}
+        self._cond = threading.Condition()
+        self._waiting = 0
+        self._closed = False
+        self._reaper: threading.Thread | None = None
+
+    # -- registration -------------------------------------------------------------------------
+
+    def register(self, alias: str, args: LlamaServerArgs | Mapping[str, Any]) -> None:
+        """Make ``alias`` loadable with ``args`` (a :class:`LlamaServerArgs` or a plain mapping).
+
+        The server runs with ``alias`` as its ``--alias`` unless ``args`` names another.
+        """
+        parsed = args if isinstance(args, LlamaServerArgs) else LlamaServerArgs.from_dict(args)
+        if parsed.alias is None:
+            parsed = parsed.evolve(alias=alias)
+        with self._cond:
+            if alias in self._entries and self._entries[alias].server is not None:
+                raise ConfigError([f"{alias}: already registered and loaded; unload it first"])
+            self._entries[alias] = _Entry(alias, parsed)
+
+    def register_all(self, models: Mapping[str, LlamaServerArgs | Mapping[str, Any]]) -> None:
+        """Register several aliases (for example a parsed JSON or TOML table of ``alias -> settings``).
+
+        :raises ConfigError: naming every bad entry.
+        """
+        problems: list[str] = []
+        parsed: dict[str, LlamaServerArgs] = {}
+        for alias, args in models.items():
+            try:
+                parsed[alias] = args if isinstance(args, LlamaServerArgs) else LlamaServerArgs.from_dict(args)
+            except ConfigError as exc:
+                problems.extend(f"{alias}.{p}" for p in exc.problems)
+        if problems:
+            raise ConfigError(problems)
+        for alias, args in parsed.items():
+            self.register(alias, args)
+
+    @property
+    def aliases(self) -> list[str]:
+        """The registered aliases."""
+        return list(self._entries)
+
+    def loaded(self) -> list[str]:
+        """The aliases whose server is running now."""
+        with self._cond:
+            return [a for a, e in self._entries.items() if e.server is not None]
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` with every :class:`ManagerEvent` from now on."""
+        self._listeners.append(listener)
+
+    # -- acquiring and releasing --------------------------------------------------------------
+
+    def _emit(self, events: list[ManagerEvent]) -> None:
+        for event in events:
+            for listener in list(self._listeners):
+                try:
+                    listener(event)
+                except Exception:  # a listener's failure must not break requests
+                    _log.exception("listener %r failed on %s", listener, event)
+
+    def _acquire(self, alias: str | None) -> _Lease:
+        deadline = time.monotonic() + self.wait_timeout
+        events: list[ManagerEvent] = []
+        to_stop: list[tuple[_Entry, LlamaServer]] = []
+        try:
+            with self._cond:
+                if self._closed:
+                    raise ServerNotRunning("the manager was closed")
+                if alias is None or alias not in self._entries:
+                    if alias is None and len(self._entries) == 1:
+                        alias = next(iter(self._entries))
+                    else:
+                        raise ModelNotRegistered(str(alias), list(self._entries))
+                entry = self._entries[alias]
+                waited = False
+                while True:
+                    server = entry.server
+                    if server is not None and not entry.loading:
+                        if server.is_running():
+                            entry.in_flight += 1
+                            return _Lease(self, entry, server)
+                        entry.server = None  # it died: load it again
+                        events.append(
+                            ManagerEvent(
+                                EventKind.CRASH, alias, f"exit status {server.process and server.process.returncode}"
+                            )
+                        )
+                        to_stop.append((entry, server))
+                    if entry.loading:
+                        self._wait(deadline, waited)
+                        waited = True
+                        continue
+                    active = [e for e in self._entries.values() if e.server is not None or e.loading]
+                    if len(active) < self.max_loaded:
+                        entry.loading = True
+                        break
+                    idle = [e for e in active if e.in_flight == 0 and not e.loading and e.server is not None]
+                    if idle:
+                        victim = min(idle, key=lambda e: e.last_used)
+                        assert victim.server is not None
+                        to_stop.append((victim, victim.server))
+                        victim.server = None
+                        events.append(ManagerEvent(EventKind.EVICT, victim.alias, f"to load {alias}"))
+                        entry.loading = True
+                        break
+                    self._wait(deadline, waited)
+                    waited = True
+        finally:
+            for _, old in to_stop:
+                old.stop()
+            self._emit(events)
+        # load outside the lock: other models keep serving meanwhile
+        return self._load(entry)
+
+    def _wait(self, deadline: float, counted: bool) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerBusy(f"no server became free within {self.wait_timeout:g} s")
+        if self._waiting >= self.max_waiting:
+            raise ServerBusy(f"{self._waiting} requests already wait (max_waiting={self.max_waiting})")
+        self._waiting += 1
+        try:
+            self._cond.wait(remaining)
+        finally:
+            self._waiting -= 1
+
+    def _load(self, entry: _Entry) -> _Lease:
+        server = LlamaServer(self._executable, entry.args, **self._options)
+        try:
+            server.start()
+        except BaseException:
+            with self._cond:
+                entry.loading = False
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            entry.server = server
+            entry.loading = False
+            entry.in_flight += 1
+            entry.last_used = time.monotonic()
+            self._cond.notify_all()
+            self._ensure_reaper()
+        self._emit(
+            [
+                ManagerEvent(EventKind.LOAD, entry.alias, server.base_url),
+                ManagerEvent(EventKind.START, entry.alias, f"pid {server.pid}"),
+            ]
+        )
+        return _Lease(self, entry, server)
+
+    def _release(self, entry: _Entry) -> None:
+        stop: LlamaServer | None = None
+        with self._cond:
+            entry.in_flight -= 1
+            entry.last_used = time.monotonic()
+            if entry.in_flight == 0 and self.keep_alive == 0 and entry.server is not None:
+                stop, entry.server = entry.server, None
+            self._cond.notify_all()
+        if stop is not None:
+            stop.stop()
+            self._emit([ManagerEvent(EventKind.STOP, entry.alias, "keep_alive=0")])
+
+    def _ensure_reaper(self) -> None:
+        if self.keep_alive <= 0 or (self._reaper is not None and self._reaper.is_alive()):
+            return
+        self._reaper = threading.Thread(target=self._reap, name="llama-proc-manager-reaper", daemon=True)
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        while True:
+            expired: list[tuple[_Entry, LlamaServer]] = []
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                next_due = now + self.keep_alive
+                for entry in self._entries.values():
+                    if entry.server is None or entry.in_flight or entry.loading:
+                        continue
+                    due = entry.last_used + self.keep_alive
+                    if due <= now:
+                        expired.append((entry, entry.server))
+                        entry.server = None
+                    else:
+                        next_due = min(next_due, due)
+                if not expired:
+                    if not any(e.server is not None for e in self._entries.values()):
+                        self._reaper = None
+                        return
+                    self._cond.wait(max(0.01, next_due - now))
+                    continue
+                self._cond.notify_all()
+            for _entry, server in expired:
+                server.stop()
+            self._emit([ManagerEvent(EventKind.STOP, e.alias, f"idle for {self.keep_alive:g} s") for e, _ in expired])
+
+    def close(self) -> None:
+        """Stop every server and refuse further requests."""
+        with self._cond:
+            self._closed = True
+            servers = [(e, e.server) for e in self._entries.values() if e.server is not None]
+            for entry, _ in servers:
+                entry.server = None
+            self._cond.notify_all()
+        for _, server in servers:
+            if server is not None:
+                server.stop()
+        self._emit([ManagerEvent(EventKind.STOP, e.alias, "closed") for e, _ in servers])
+        reaper = self._reaper
+        if reaper is not None and reaper is not threading.current_thread():
+            reaper.join(5)
+
+    def __enter__(self) -> ServerManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def server(self, alias: str) -> LlamaServer:
+        """Load ``alias`` if needed and return its server (it may be evicted or stopped later)."""
+        lease = self._acquire(alias)
+        lease.release()
+        return lease.server
+
+    def _route(self, method: str, request: Mapping[str, Any], **kwargs: Any) -> Any:
+        lease = self._acquire(request.get("model"))
+        try:
+            result = getattr(lease.server, method)(request, **kwargs)
+        except BaseException:
+            lease.release()
+            raise
+        if isinstance(result, Stream):
+            result.add_close_callback(lease.release)  # idle time starts when the stream ends
+        else:
+            lease.release()
+        return result
+
+    def chat_completions(self, request: Mapping[str, Any], **kwargs: Any) -> Any:
+        """Route to the server of ``request["model"]`` (see :meth:`LlamaServer.chat_completions`)."""
+        return self._route("chat_completions", request, **kwargs)
+
+    def completions(self, request: Mapping[str, Any], **kwargs: Any) -> Any:
+        """Route to the server of ``request["model"]`` (see :meth:`LlamaServer.completions`)."""
+        return self._route("completions", request, **kwargs)
+
+    def embeddings(self, request: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Route to the server of ``request["model"]`` (see :meth:`LlamaServer.embeddings`)."""
+        result: dict[str, Any] = self._route("embeddings", request, **kwargs)
+        return result
+
+    def forward(
+        self, method: str, path: str, json: Any = None, stream: bool = False, **kwargs: Any
+    ) -> requests.Response:
+        """Route a raw request by its body's ``model`` (see :meth:`LlamaServer.forward`); with
+        ``stream=True`` the server counts as busy until the response is closed."""
+        model = json.get("model") if isinstance(json, Mapping) else None
+        lease = self._acquire(model)
+        try:
+            response = lease.server.forward(method, path, json, stream, **kwargs)
+        except BaseException:
+            lease.release()
+            raise
+        if not stream:
+            lease.release()
+            return response
+        close = response.close
+
+        def close_and_release() -> None:
+            try:
+                close()
+            finally:
+                lease.release()
+
+        response.close = close_and_release  # type: ignore[method-assign]
+        return response
+
+    def __repr__(self) -> str:
+        return f"<ServerManager models={self.aliases} loaded={self.loaded()} max_loaded={self.max_loaded}>"

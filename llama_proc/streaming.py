@@ -125,7 +125,7 @@ class Stream(Iterator[dict[str, Any]]):
         #: The underlying response (already checked for an error status).
         self.response = response
         self.url = url
-        self._on_close = on_close
+        self._on_close: list[Callable[[], None]] = [on_close] if on_close is not None else []
         self._error_hint = error_hint
         self._closed = False
         self._iterator = self._chunks()
@@ -149,6 +149,14 @@ class Stream(Iterator[dict[str, Any]]):
         """True once the response has been closed."""
         return self._closed
 
+    def add_close_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the stream is closed (at its end, on error, or on an early close);
+        at once if it is closed already."""
+        if self._closed:
+            callback()
+        else:
+            self._on_close.append(callback)
+
     def close(self) -> None:
         """Close the response (idempotent). Unread data is discarded and the connection dropped."""
         if self._closed:
@@ -157,8 +165,8 @@ class Stream(Iterator[dict[str, Any]]):
         try:
             self.response.close()
         finally:
-            if self._on_close is not None:
-                self._on_close()
+            for callback in self._on_close:
+                callback()
 
     def _raw_chunks(self) -> Iterator[bytes]:
         try:
