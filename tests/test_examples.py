@@ -1,0 +1,119 @@
+"""The example apps, run for real: the Flask app on a threaded server with 32 concurrent clients."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+from llama_proc import LlamaServerArgs, stop_all
+from llama_proc import manager as manager_mod
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+flask = pytest.importorskip("flask")
+
+
+def load_example(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def flask_url(llama_exe: Path, tiny_model: Path) -> Iterator[str]:
+    from werkzeug.serving import make_server
+
+    app = load_example("flask_app").create_app(
+        LlamaServerArgs(model=tiny_model, alias="tiny", n_ctx=2048, n_parallel=4), llama_exe
+    )
+    http = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{http.server_port}"
+    http.shutdown()
+    thread.join(5)
+    http.server_close()
+    stop_all()
+    manager_mod._shared = None
+
+
+def sse_events(response: requests.Response) -> Iterator[tuple[float, str]]:
+    buffer = b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            yield time.monotonic(), event.decode()
+
+
+def test_flask_32_concurrent_clients(flask_url: str) -> None:
+    errors: list[BaseException] = []
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        try:
+            with requests.Session() as http:
+                http.trust_env = False
+                body = {"model": "tiny", "messages": [{"role": "user", "content": f"client {i}"}], "max_tokens": 8}
+                if i % 2:
+                    with http.post(
+                        flask_url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=120
+                    ) as r:
+                        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+                        events = [e for _, e in sse_events(r)]
+                    assert events[-1] == "data: [DONE]"
+                    deltas = [
+                        json.loads(e[6:])["choices"][0]["delta"] for e in events[:-1] if json.loads(e[6:])["choices"]
+                    ]
+                    text = "".join(d.get("content") or "" for d in deltas)
+                else:
+                    r = http.post(flask_url + "/v1/chat/completions", json=body, timeout=120)
+                    assert r.status_code == 200
+                    reply = r.json()
+                    assert reply["usage"]["completion_tokens"] == 8
+                    text = reply["choices"][0]["message"]["content"]
+                assert isinstance(text, str) and text
+                with lock:
+                    results.append(text)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors[:3]
+    assert len(results) == 32
+
+
+def test_flask_streams_without_buffering(flask_url: str) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "stream": True}
+    requests.post(
+        flask_url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 1}, timeout=60
+    )  # warm up
+    started = time.monotonic()
+    with requests.post(flask_url + "/v1/chat/completions", json=body, stream=True, timeout=120) as r:
+        times = [t for t, _ in sse_events(r)]
+    first, last = times[0] - started, times[-1] - started
+    assert len(times) > 100
+    # the first bytes arrive while the generation is still running, not in one block at the end
+    assert first < last / 3, (first, last)
+
+
+def test_flask_bad_body(flask_url: str) -> None:
+    r = requests.post(flask_url + "/v1/chat/completions", data=b"not json", timeout=30)
+    assert r.status_code == 400
+    r = requests.post(flask_url + "/v1/chat/completions", json={"messages": "nope"}, timeout=60)
+    assert r.status_code == 400 and "error" in r.json()
