@@ -117,3 +117,27 @@ def test_flask_bad_body(flask_url: str) -> None:
     assert r.status_code == 400
     r = requests.post(flask_url + "/v1/chat/completions", json={"messages": "nope"}, timeout=60)
     assert r.status_code == 400 and "error" in r.json()
+
+
+def test_notebook_runs_top_to_bottom(tiny_model: Path, llama_exe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the notebook's code cells in order in one namespace, like a kernel; run the cell that
+    creates the server twice, as a person re-running it would."""
+    monkeypatch.setenv("LLAMA_SERVER_PATH", str(llama_exe))
+    notebook = json.loads((EXAMPLES / "notebook.ipynb").read_text(encoding="utf-8"))
+    cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    namespace: dict[str, Any] = {}
+    try:
+        for index, source in enumerate(cells):
+            exec(compile(source, f"notebook cell {index}", "exec"), namespace)
+            if "shared_server(args)" in source:
+                first = namespace["server"]
+                pid = first.pid
+                exec(compile(source, f"notebook cell {index} (again)", "exec"), namespace)
+                assert namespace["server"] is first and first.pid == pid
+                assert "running" in first._repr_html_()
+        assert namespace["reply"]["choices"][0]["message"]["content"]
+        assert namespace["pieces"]
+        assert not namespace["server"].is_running()
+    finally:
+        stop_all()
+        manager_mod._shared = None
