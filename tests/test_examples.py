@@ -141,3 +141,48 @@ def test_notebook_runs_top_to_bottom(tiny_model: Path, llama_exe: Path, monkeypa
     finally:
         stop_all()
         manager_mod._shared = None
+
+
+def test_django_project(tiny_model: Path, llama_exe: Path, tmp_path: Path) -> None:
+    """Run the Django project in its own process on a threaded WSGI server, like a deployment."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("django")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from werkzeug.serving import run_simple; from django_project.wsgi import application;"
+        "run_simple('127.0.0.1', int(sys.argv[2]), application, threaded=True)"
+    )
+    env = dict(os.environ, LLAMA_PROC_MODEL=str(tiny_model), LLAMA_PROC_ALIAS="tiny", LLAMA_PROC_N_CTX="1024",
+               LLAMA_SERVER_PATH=str(llama_exe), DJANGO_SETTINGS_MODULE="django_project.settings")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code, str(EXAMPLES), str(port)], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the Django server did not come up"
+                time.sleep(0.05)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
+        reply = requests.post(url, json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 6
+        with requests.post(url, json={**body, "stream": True}, stream=True, timeout=60) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            events = [e for _, e in sse_events(r)]
+        assert events[-1] == "data: [DONE]" and len(events) >= 3
+        assert requests.post(url, data=b"[]", timeout=30).status_code == 400
+        assert requests.get(url, timeout=30).status_code == 405
+    finally:
+        proc.terminate()  # the process exits; its shared server is stopped with it
+        proc.communicate(timeout=30)
