@@ -58,9 +58,9 @@ from .errors import (
     StartupTimeout,
     UnprocessableEntityError,
 )
-from .manager import EventKind, ManagerEvent, ServerManager, shared_server, stop_all
+from .manager import ServerManager, shared_server, stop_all
 from .platforms import current_target, default_variant
-from .server import LlamaServer, Server
+from .server import EventKind, LlamaServer, RestartPolicy, Server, ServerEvent
 from .streaming import Stream
 from .versions import ServerVersion, flag_dialect, server_version
 
@@ -88,14 +88,15 @@ __all__ = [
     "LlamaServer",
     "LlamaServerArgs",
     "LockTimeout",
-    "ManagerEvent",
     "ModelNotFound",
     "ModelNotRegistered",
     "NotFoundError",
     "PermissionDeniedError",
     "Server",
     "ServerAlreadyRunning",
+    "RestartPolicy",
     "ServerBusy",
+    "ServerEvent",
     "ServerManager",
     "ServerNotReady",
     "ServerNotRunning",

@@ -8,23 +8,21 @@ talks to the parent's through :meth:`LlamaServer.attach`.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-import attrs
 import requests
 
 from .config import LlamaServerArgs
 from .errors import ConfigError, ModelNotRegistered, ServerBusy, ServerNotRunning, SharedServerConflict
-from .server import LlamaServer, owned_servers
+from .server import EventKind, Listener, LlamaServer, ServerEvent, emit, owned_servers
 from .streaming import Stream
 
-__all__ = ["EventKind", "ManagerEvent", "ServerManager", "shared_server", "stop_all"]
+__all__ = ["ServerManager", "shared_server", "stop_all"]
 
 _log = logging.getLogger("llama_proc.manager")
 
@@ -98,29 +96,6 @@ def stop_all() -> list[int | None]:
 # many models: ServerManager
 
 
-class EventKind(enum.Enum):
-    """What happened to a managed server."""
-
-    START = "start"  #: a server process became ready
-    STOP = "stop"  #: a server was stopped (idle keep-alive, close(), or replaced)
-    LOAD = "load"  #: a model was loaded on demand for a request
-    EVICT = "evict"  #: a model was unloaded to make room for another
-    CRASH = "crash"  #: a server exited without being asked to
-    RESTART = "restart"  #: a crashed server was started again
-
-
-@attrs.frozen
-class ManagerEvent:
-    """One state change, passed to the listeners of a :class:`ServerManager`."""
-
-    kind: EventKind
-    alias: str
-    detail: str = ""
-
-
-Listener = Callable[[ManagerEvent], None]
-
-
 class _Entry:
     def __init__(self, alias: str, args: LlamaServerArgs) -> None:
         self.alias = alias
@@ -157,7 +132,7 @@ class ServerManager:
       :class:`~llama_proc.errors.ServerBusy`.
     * A server with no request for ``keep_alive`` seconds is stopped; idle time counts from the end of
       the last request or stream. ``-1`` keeps servers forever, ``0`` stops them after each request.
-    * Listeners get a :class:`ManagerEvent` for every start, stop, load, eviction, crash and restart;
+    * Listeners get a :class:`ServerEvent` for every start, stop, load, eviction, crash and restart;
       they are called outside the manager's locks.
 
     :param executable_path: the ``llama-server`` to run (default: found).
@@ -240,22 +215,17 @@ class ServerManager:
             return [a for a, e in self._entries.items() if e.server is not None]
 
     def add_listener(self, listener: Listener) -> None:
-        """Call ``listener`` with every :class:`ManagerEvent` from now on."""
+        """Call ``listener`` with every :class:`ServerEvent` from now on."""
         self._listeners.append(listener)
 
     # -- acquiring and releasing --------------------------------------------------------------
 
-    def _emit(self, events: list[ManagerEvent]) -> None:
-        for event in events:
-            for listener in list(self._listeners):
-                try:
-                    listener(event)
-                except Exception:  # a listener's failure must not break requests
-                    _log.exception("listener %r failed on %s", listener, event)
+    def _emit(self, events: list[ServerEvent]) -> None:
+        emit(self._listeners, events)
 
     def _acquire(self, alias: str | None) -> _Lease:
         deadline = time.monotonic() + self.wait_timeout
-        events: list[ManagerEvent] = []
+        events: list[ServerEvent] = []
         to_stop: list[tuple[_Entry, LlamaServer]] = []
         try:
             with self._cond:
@@ -276,7 +246,7 @@ class ServerManager:
                             return _Lease(self, entry, server)
                         entry.server = None  # it died: load it again
                         events.append(
-                            ManagerEvent(
+                            ServerEvent(
                                 EventKind.CRASH, alias, f"exit status {server.process and server.process.returncode}"
                             )
                         )
@@ -295,7 +265,7 @@ class ServerManager:
                         assert victim.server is not None
                         to_stop.append((victim, victim.server))
                         victim.server = None
-                        events.append(ManagerEvent(EventKind.EVICT, victim.alias, f"to load {alias}"))
+                        events.append(ServerEvent(EventKind.EVICT, victim.alias, f"to load {alias}"))
                         entry.loading = True
                         break
                     self._wait(deadline, waited)
@@ -337,8 +307,8 @@ class ServerManager:
             self._ensure_reaper()
         self._emit(
             [
-                ManagerEvent(EventKind.LOAD, entry.alias, server.base_url),
-                ManagerEvent(EventKind.START, entry.alias, f"pid {server.pid}"),
+                ServerEvent(EventKind.LOAD, entry.alias, server.base_url),
+                ServerEvent(EventKind.START, entry.alias, f"pid {server.pid}"),
             ]
         )
         return _Lease(self, entry, server)
@@ -353,7 +323,7 @@ class ServerManager:
             self._cond.notify_all()
         if stop is not None:
             stop.stop()
-            self._emit([ManagerEvent(EventKind.STOP, entry.alias, "keep_alive=0")])
+            self._emit([ServerEvent(EventKind.STOP, entry.alias, "keep_alive=0")])
 
     def _ensure_reaper(self) -> None:
         if self.keep_alive <= 0 or (self._reaper is not None and self._reaper.is_alive()):
@@ -387,7 +357,7 @@ class ServerManager:
                 self._cond.notify_all()
             for _entry, server in expired:
                 server.stop()
-            self._emit([ManagerEvent(EventKind.STOP, e.alias, f"idle for {self.keep_alive:g} s") for e, _ in expired])
+            self._emit([ServerEvent(EventKind.STOP, e.alias, f"idle for {self.keep_alive:g} s") for e, _ in expired])
 
     def close(self) -> None:
         """Stop every server and refuse further requests."""
@@ -400,7 +370,7 @@ class ServerManager:
         for _, server in servers:
             if server is not None:
                 server.stop()
-        self._emit([ManagerEvent(EventKind.STOP, e.alias, "closed") for e, _ in servers])
+        self._emit([ServerEvent(EventKind.STOP, e.alias, "closed") for e, _ in servers])
         reaper = self._reaper
         if reaper is not None and reaper is not threading.current_thread():
             reaper.join(5)

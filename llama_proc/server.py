@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import errno
 import html
 import http.client
@@ -12,13 +13,18 @@ import threading
 import time
 import urllib.parse
 import weakref
+from collections import deque
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+
+import attrs
+import requests
 
 from .binaries import find_executable, library_env
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
 from .config import LlamaServerArgs
 from .errors import (
+    APITimeoutError,
     ConfigError,
     HealthCheckError,
     LlamaProcError,
@@ -32,7 +38,7 @@ from .errors import (
 from .process import ServerProcess
 from .versions import flag_dialect
 
-__all__ = ["LlamaServer", "Server"]
+__all__ = ["EventKind", "Listener", "LlamaServer", "RestartPolicy", "Server", "ServerEvent"]
 
 _log = logging.getLogger("llama_proc.server")
 
@@ -111,6 +117,71 @@ class _PortTaken(Exception):
     pass
 
 
+class EventKind(enum.Enum):
+    """What happened to a server."""
+
+    START = "start"  #: a server process became ready
+    STOP = "stop"  #: a server was stopped (by stop(), idle keep-alive, close(), or after giving up)
+    LOAD = "load"  #: a model was loaded on demand for a request (ServerManager)
+    EVICT = "evict"  #: a model was unloaded to make room for another (ServerManager)
+    CRASH = "crash"  #: a server exited without being asked to, or was killed as hung
+    RESTART = "restart"  #: a crashed server was started again
+
+
+@attrs.frozen
+class ServerEvent:
+    """One state change, passed to listeners (called outside any lock of llama_proc)."""
+
+    kind: EventKind
+    alias: str
+    detail: str = ""
+
+
+Listener = Callable[[ServerEvent], None]
+
+
+def emit(listeners: Sequence[Listener], events: Sequence[ServerEvent]) -> None:
+    """Call every listener with every event; a failing listener is logged and skipped."""
+    for event in events:
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                _log.exception("listener %r failed on %s", listener, event)
+
+
+@attrs.frozen(kw_only=True)
+class RestartPolicy:
+    """When and how a server that exits unexpectedly is started again.
+
+    :param max_restarts: restarts allowed within ``window`` seconds; past that it stays down.
+    :param window: seconds over which restarts are counted.
+    :param backoff: seconds before the first restart, doubled for each further one in the window.
+    :param max_backoff: the longest wait between restarts.
+    :param wait_timeout: how long calls made during a restart wait for it before raising
+        :class:`~llama_proc.errors.ServerNotReady`.
+    :param restart_on_timeout: a call that gets no answer within its read timeout means the server
+        is hung: kill it, and the policy restarts it.
+    """
+
+    max_restarts: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    window: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    backoff: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
+    max_backoff: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    wait_timeout: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
+    restart_on_timeout: bool = True
+
+
+def _watch(ref: weakref.ReferenceType[LlamaServer], proc: ServerProcess) -> None:
+    """Wait for ``proc`` to exit (its pumps end at end-of-file), then tell its server."""
+    for pump in proc.threads:
+        pump.join()
+    code = proc.wait()
+    server = ref()
+    if server is not None:
+        server._on_exit(proc, code)
+
+
 class LlamaServer(Endpoints):
     """One ``llama-server`` process and a pooled client to it.
 
@@ -127,6 +198,9 @@ class LlamaServer(Endpoints):
     :param variant: the variant to find when ``executable_path`` is None.
     :param autostart: start on the first call instead of raising
         :class:`~llama_proc.errors.ServerNotRunning` (threads arriving during the start wait for it).
+    :param restart: a :class:`RestartPolicy` (or True for the default one) to start the server again
+        when it exits unexpectedly or hangs; None (the default) leaves a crashed server down.
+    :param listeners: callables that get a :class:`ServerEvent` on start, stop, crash and restart.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. A server that is never
     stopped is stopped when it is garbage-collected or the interpreter exits, and on Linux and macOS
@@ -145,6 +219,8 @@ class LlamaServer(Endpoints):
         log_lines: int = 200,
         variant: str | None = None,
         autostart: bool = False,
+        restart: RestartPolicy | bool | None = None,
+        listeners: Iterable[Listener] = (),
     ) -> None:
         if not isinstance(args, LlamaServerArgs):
             raise ConfigError([f"args: expected LlamaServerArgs, got {type(args).__name__}"])
@@ -174,6 +250,15 @@ class LlamaServer(Endpoints):
         self._pending: ServerProcess | None = None  # the process of a start() in progress
         self._abort = threading.Event()
         self._last_exit: int | None = None
+        self._restart = RestartPolicy() if restart is True else (restart or None)
+        self._listeners = list(listeners)
+        self._stop_requested = threading.Event()
+        self._ready = threading.Condition()  # its own lock: waiters must not queue behind a restart
+        self._restarting = False
+        self._restart_times: deque[float] = deque()
+        self._gave_up: str | None = None
+        self._hung = False
+        self._watcher: threading.Thread | None = None
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -303,6 +388,9 @@ class LlamaServer(Endpoints):
             if self._proc is not None and self._proc.is_running():
                 raise ServerAlreadyRunning(self._proc.pid or 0, self.base_url)
             self._discard()
+            self._stop_requested.clear()
+            self._gave_up = None
+            self._restart_times.clear()
             self._starting = True
             self._abort.clear()
             try:
@@ -310,6 +398,7 @@ class LlamaServer(Endpoints):
             finally:
                 self._starting = False
                 self._pending = None
+        emit(self._listeners, [ServerEvent(EventKind.START, self._label(), f"pid {self.pid} at {self.base_url}")])
 
     def _start_locked(self) -> None:
         model = self._args.model
@@ -359,6 +448,11 @@ class LlamaServer(Endpoints):
                 error_hint=self._error_hint,
             )
             _log.info("llama-server pid %s ready at %s", proc.pid, self.base_url)
+            if self._restart is not None or self._listeners:
+                self._watcher = threading.Thread(
+                    target=_watch, args=(weakref.ref(self), proc), name=f"llama-server-{proc.pid}-watch", daemon=True
+                )
+                self._watcher.start()
             return
 
     def _pick_port(self) -> int:
@@ -419,6 +513,9 @@ class LlamaServer(Endpoints):
 
         :returns: the exit code, or None if it was never started.
         """
+        self._stop_requested.set()
+        with self._ready:
+            self._ready.notify_all()
         pending = self._pending
         if pending is not None:
             # a start() is in progress in another thread (which holds the lock): make it give up
@@ -437,7 +534,11 @@ class LlamaServer(Endpoints):
             self._stopped = True
             self._last_exit = code
             _log.info("llama-server pid %s stopped with status %s", proc.pid, code)
-            return code
+            watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(self._stop_timeout + 5)
+        emit(self._listeners, [ServerEvent(EventKind.STOP, self._label(), f"exit status {code}")])
+        return code
 
     def _discard(self) -> None:
         # A previous process that died by itself: reap it and its pool before starting anew.
@@ -458,13 +559,113 @@ class LlamaServer(Endpoints):
         if client is None and self._autostart:
             self.ensure_started()
             client = self._client
+        if client is None and self._restarting and self._restart is not None:
+            client = self._wait_for_restart(self._restart.wait_timeout)
         if client is None:
+            if self._gave_up is not None:
+                raise ServerNotRunning(self._gave_up)
             if self._starting:
                 raise ServerNotReady()
             if self._stopped:
                 raise ServerNotRunning("it was stopped; call start() to run it again")
             raise ServerNotRunning("start() has not been called")
         return client
+
+    # -- supervision --------------------------------------------------------------------------
+
+    def _label(self) -> str:
+        return self.args.alias or self.args.model.name
+
+    def _wait_for_restart(self, timeout: float) -> LlamaClient:
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while self._client is None and self._restarting and not self._stop_requested.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ServerNotReady(
+                        f"Model server is restarting after a crash and was not ready within {timeout:g} seconds."
+                    )
+                self._ready.wait(remaining)
+            client = self._client
+        if client is None:
+            raise ServerNotRunning(self._gave_up or "it was stopped while restarting")
+        return client
+
+    def _call(
+        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
+    ) -> requests.Response:
+        try:
+            return super()._call(method, path, body, stream=stream, timeout=timeout)
+        except APITimeoutError:
+            policy = self._restart
+            proc = self._proc
+            if policy is not None and policy.restart_on_timeout and proc is not None and proc.is_running():
+                _log.warning("llama-server pid %s did not answer %s in time: killing it as hung", proc.pid, path)
+                self._hung = True
+                proc.stop(0)  # the watcher sees the exit and the policy restarts it
+            raise
+
+    def _on_exit(self, proc: ServerProcess, code: int | None) -> None:
+        """Called by the watcher thread when the process exits."""
+        with self._lock:
+            if self._stop_requested.is_set() or self._proc is not proc:
+                return  # stop() was called: expected
+            client, self._client = self._client, None
+            self._restarting = self._restart is not None
+        if client is not None:
+            client.close()
+        why = "hung (no answer within the read timeout)" if self._hung else f"exit status {code}"
+        self._hung = False
+        tail = " | ".join(proc.log_tail(3))
+        _log.warning("llama-server pid %s exited unexpectedly: %s; last lines: %s", proc.pid, why, tail)
+        emit(self._listeners, [ServerEvent(EventKind.CRASH, self._label(), why)])
+        if self._restart is not None:
+            self._restart_loop(self._restart)
+
+    def _restart_loop(self, policy: RestartPolicy) -> None:
+        events: list[ServerEvent] = []
+        try:
+            while not self._stop_requested.is_set():
+                now = time.monotonic()
+                while self._restart_times and now - self._restart_times[0] > policy.window:
+                    self._restart_times.popleft()
+                if len(self._restart_times) >= policy.max_restarts:
+                    self._gave_up = (
+                        f"it crashed {len(self._restart_times) + 1} times within {policy.window:g} s and was left "
+                        "down; call start() to run it again"
+                    )
+                    _log.error("llama-server %s: %s", self._label(), self._gave_up)
+                    events.append(ServerEvent(EventKind.STOP, self._label(), "gave up restarting"))
+                    return
+                delay = min(policy.backoff * (2 ** len(self._restart_times)), policy.max_backoff)
+                if self._stop_requested.wait(delay):
+                    return
+                self._restart_times.append(time.monotonic())
+                try:
+                    with self._lock:
+                        if self._stop_requested.is_set():
+                            return
+                        old = self._proc
+                        if old is not None:
+                            old.stop(0)  # reap it and join its pumps
+                            _owned_servers.discard(self)
+                        self._starting = True
+                        self._abort.clear()
+                        try:
+                            self._start_locked()
+                        finally:
+                            self._starting = False
+                            self._pending = None
+                except LlamaProcError as exc:
+                    _log.warning("restarting llama-server %s failed: %s", self._label(), exc)
+                    continue
+                events.append(ServerEvent(EventKind.RESTART, self._label(), f"pid {self.pid} at {self.base_url}"))
+                return
+        finally:
+            self._restarting = False
+            with self._ready:
+                self._ready.notify_all()
+            emit(self._listeners, events)
 
     def _error_hint(self) -> str:
         proc = self._proc

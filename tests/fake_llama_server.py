@@ -10,6 +10,7 @@ behaviour is chosen with the ``FAKE_MODE`` environment variable (comma-separated
 * ``die-mid-stream``: exit abruptly after sending two stream events
 * ``silent-hang``: never listen and never log (stall timeout)
 * ``bad-utf8``: log bytes that are not UTF-8
+* ``die-after``: exit with status 7 ``FAKE_DIE_SECONDS`` (default 0.3) after listening
 """
 
 from __future__ import annotations
@@ -139,6 +140,14 @@ def main() -> int:
 
         threading.Thread(target=chatter, daemon=True).start()
     log("I", f"listening on http://{host}:{port}")
+    if "die-after" in MODES:
+
+        def die() -> None:
+            time.sleep(float(os.environ.get("FAKE_DIE_SECONDS", "0.3")))
+            log("E", "dying on purpose")
+            os._exit(7)
+
+        threading.Thread(target=die, daemon=True).start()
 
     def on_term(signum: int, frame: object) -> None:
         stop.set()

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from llama_proc import EventKind, LlamaServerArgs, ManagerEvent, ModelNotRegistered, ServerBusy, ServerManager
+from llama_proc import EventKind, LlamaServerArgs, ModelNotRegistered, ServerBusy, ServerEvent, ServerManager
 from llama_proc.errors import ConfigError
 
 from .conftest import pid_alive, wait_until
@@ -21,10 +21,10 @@ pytestmark = pytest.mark.integration
 
 class Recorder:
     def __init__(self) -> None:
-        self.events: list[ManagerEvent] = []
+        self.events: list[ServerEvent] = []
         self.lock = threading.Lock()
 
-    def __call__(self, event: ManagerEvent) -> None:
+    def __call__(self, event: ServerEvent) -> None:
         with self.lock:
             self.events.append(event)
 
