@@ -112,22 +112,34 @@ def unstructure_args(args: LlamaServerArgs, *, include_secrets: bool) -> dict[st
     return out
 
 
+def _list_value(name: str, value: str, where: str) -> Any:
+    """A text value (environment, INI) of a list field, split: ``rpc`` at commas, ``extra_args`` like a shell."""
+    if name == "rpc":
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if name == "extra_args":
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            raise ConfigError([f"{where}: cannot be split like a command line ({exc})"]) from None
+    return value
+
+
+def args_from_strings(values: Mapping[str, str], where: str = "") -> LlamaServerArgs:
+    """Text settings (an INI section) -> :class:`LlamaServerArgs`; problems are prefixed with ``where``."""
+    data = {key: _list_value(key, value, f"{where}{key}") for key, value in values.items()}
+    try:
+        return structure_args(data)
+    except ConfigError as exc:
+        raise ConfigError([where + p for p in exc.problems]) from None
+
+
 def args_from_env(prefix: str, environ: Mapping[str, str]) -> LlamaServerArgs:
     """Environment variables ``{prefix}{FIELD}`` -> :class:`LlamaServerArgs`."""
     data: dict[str, Any] = {}
     for field in attrs.fields(LlamaServerArgs):
         key = prefix + field.name.upper()
-        if key not in environ:
-            continue
-        value: Any = environ[key]
-        if field.name == "rpc":
-            value = [item.strip() for item in value.split(",") if item.strip()]
-        elif field.name == "extra_args":
-            try:
-                value = shlex.split(value)
-            except ValueError as exc:
-                raise ConfigError([f"{key}: cannot be split like a command line ({exc})"]) from None
-        data[field.name] = value
+        if key in environ:
+            data[field.name] = _list_value(field.name, environ[key], key)
     if "model" not in data:
         raise ConfigError([f"{prefix}MODEL: required (the path of the .gguf model)"])
     try:

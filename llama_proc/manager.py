@@ -8,6 +8,8 @@ talks to the parent's through :meth:`LlamaServer.attach`.
 
 from __future__ import annotations
 
+import configparser
+import functools
 import logging
 import os
 import threading
@@ -17,6 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import requests
 
+from ._convert import args_from_strings
 from .config import LlamaServerArgs
 from .errors import ConfigError, ModelNotRegistered, ServerBusy, ServerNotRunning, SharedServerConflict
 from .server import EventKind, Listener, LlamaServer, ServerEvent, emit, owned_servers
@@ -204,6 +207,47 @@ class ServerManager:
         for alias, args in parsed.items():
             self.register(alias, args)
 
+    def register_file(self, path: str | os.PathLike[str]) -> list[str]:
+        """Register the aliases of a TOML file (one table per alias, optionally under ``[models]``) or an
+        INI file (one section per alias). Values are checked like :meth:`LlamaServerArgs.from_dict`.
+
+        :returns: the aliases registered.
+        :raises ConfigError: naming every bad entry (with its alias), or for an unreadable file.
+        """
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{file}: cannot be read ({exc.strerror})"]) from None
+        if file.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # pragma: no cover - Python < 3.11
+                import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
+            try:
+                data = tomllib.loads(text)
+            except ValueError as exc:
+                raise ConfigError([f"{file}: not valid TOML ({exc})"]) from None
+            tables = data.get("models", data)
+            self.register_all(tables)
+            return list(tables)
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read_string(text, source=str(file))
+        except configparser.Error as exc:
+            raise ConfigError([f"{file}: not a valid INI file ({exc})"]) from None
+        problems: list[str] = []
+        parsed: dict[str, LlamaServerArgs] = {}
+        for section in parser.sections():
+            try:
+                parsed[section] = args_from_strings(dict(parser[section]), f"{section}.")
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise ConfigError(problems)
+        self.register_all(parsed)
+        return list(parsed)
+
     @property
     def aliases(self) -> list[str]:
         """The registered aliases."""
@@ -222,6 +266,11 @@ class ServerManager:
 
     def _emit(self, events: list[ServerEvent]) -> None:
         emit(self._listeners, events)
+
+    def _relay(self, alias: str, event: ServerEvent) -> None:
+        # crashes and restarts are seen by the server's own watcher; loads, evictions and stops here
+        if event.kind in (EventKind.CRASH, EventKind.RESTART):
+            self._emit([ServerEvent(event.kind, alias, event.detail)])
 
     def _acquire(self, alias: str | None) -> _Lease:
         deadline = time.monotonic() + self.wait_timeout
@@ -244,12 +293,7 @@ class ServerManager:
                         if server.is_running():
                             entry.in_flight += 1
                             return _Lease(self, entry, server)
-                        entry.server = None  # it died: load it again
-                        events.append(
-                            ServerEvent(
-                                EventKind.CRASH, alias, f"exit status {server.process and server.process.returncode}"
-                            )
-                        )
+                        entry.server = None  # it died (its CRASH event came from the server): load it again
                         to_stop.append((entry, server))
                     if entry.loading:
                         self._wait(deadline, waited)
@@ -290,7 +334,9 @@ class ServerManager:
             self._waiting -= 1
 
     def _load(self, entry: _Entry) -> _Lease:
-        server = LlamaServer(self._executable, entry.args, **self._options)
+        options = dict(self._options)
+        options["listeners"] = [*options.get("listeners", ()), functools.partial(self._relay, entry.alias)]
+        server = LlamaServer(self._executable, entry.args, **options)
         try:
             server.start()
         except BaseException:

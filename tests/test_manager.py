@@ -165,7 +165,7 @@ def test_crashed_server_is_loaded_again(manager_factory, recorder: Recorder) -> 
     # a killed multi-threaded process can be reaped only once all its threads are gone
     assert wait_until(lambda: not server.is_running(), 5)
     assert chat(manager, "a")["model"] == "a"
-    assert EventKind.CRASH in recorder.kinds("a")
+    assert wait_until(lambda: EventKind.CRASH in recorder.kinds("a"), 5)  # reported by the server's watcher
     assert recorder.kinds("a").count(EventKind.LOAD) == 2
 
 
@@ -203,3 +203,40 @@ def test_manager_args_alias_and_close(manager_factory, tiny_model: Path) -> None
     assert server.get_server_args() == LlamaServerArgs(model=tiny_model, n_ctx=256, alias="only", port=server.port)
     manager.close()
     assert not server.is_running()
+
+
+def test_register_from_toml_and_ini(tmp_path: Path, tiny_model: Path) -> None:
+    toml = tmp_path / "models.toml"
+    toml.write_text(
+        f'[models.chat]\nmodel = "{tiny_model}"\nn_ctx = 512\n\n[models.embed]\nmodel = "{tiny_model}"\nembeddings = true\npooling = "mean"\n'
+    )
+    manager = ServerManager()
+    assert manager.register_file(toml) == ["chat", "embed"]
+    ini = tmp_path / "models.ini"
+    ini.write_text(
+        f"[coder]\nmodel = {tiny_model}\nn_ctx = 1024\njinja = yes\nextra_args = --system-prompt 'be brief'\n"
+    )
+    assert manager.register_file(ini) == ["coder"]
+    assert sorted(manager.aliases) == ["chat", "coder", "embed"]
+    coder = manager._entries["coder"].args
+    assert coder.n_ctx == 1024 and coder.jinja is True and coder.extra_args == ("--system-prompt", "be brief")
+    bad = tmp_path / "bad.ini"
+    bad.write_text(f"[x]\nmodel = {tiny_model}\nn_ctx = lots\n[y]\nmodle = m\n")
+    with pytest.raises(ConfigError) as info:
+        manager.register_file(bad)
+    assert any(p.startswith("x.n_ctx") for p in info.value.problems)
+    assert any(p.startswith("y.modle") for p in info.value.problems)
+
+
+def test_server_restarts_are_relayed(manager_factory, recorder: Recorder) -> None:  # type: ignore[no-untyped-def]
+    from llama_proc import RestartPolicy
+
+    manager = manager_factory(restart=RestartPolicy(backoff=0.05))
+    chat(manager, "a")
+    server = manager.server("a")
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGKILL)
+    assert wait_until(lambda: EventKind.RESTART in recorder.kinds("a"), 10)
+    assert EventKind.CRASH in recorder.kinds("a")
+    assert chat(manager, "a")["model"] == "a"
+    assert recorder.kinds("a").count(EventKind.LOAD) == 1  # the server restarted itself: no reload
