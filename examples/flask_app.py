@@ -10,18 +10,18 @@ streamed answers are passed through as server-sent events as the bytes arrive, w
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 from flask import Flask, Response, request, stream_with_context
 
-from llama_proc import LlamaProcError, LlamaServerArgs, shared_server
+from llama_proc import LlamaProcError, LlamaServer, LlamaServerArgs, shared_server
 
 
-def create_app(args: LlamaServerArgs | None = None, executable: str | os.PathLike[str] | None = None) -> Flask:
-    """The app; ``args`` default to ``LlamaServerArgs.from_env("LLAMA_PROC_")``."""
+def relay_response(get_server: Callable[[], LlamaServer]) -> Flask:
+    """A Flask app whose ``/v1/chat/completions`` forwards to the server ``get_server()`` returns."""
     app = Flask(__name__)
-    server_args = args or LlamaServerArgs.from_env("LLAMA_PROC_")
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response:
@@ -32,15 +32,10 @@ def create_app(args: LlamaServerArgs | None = None, executable: str | os.PathLik
             )
         stream = bool(body.get("stream"))
         try:
-            upstream = shared_server(server_args, executable).forward(
-                "POST", "/v1/chat/completions", json=body, stream=stream
-            )
+            upstream = get_server().forward("POST", "/v1/chat/completions", json=body, stream=stream)
         except LlamaProcError as exc:
-            return Response(
-                f'{{"error": {{"code": "{exc.code}", "message": "{exc}"}}}}',
-                exc.http_status,
-                content_type="application/json",
-            )
+            error = json.dumps({"error": {"code": exc.code, "message": str(exc)}})
+            return Response(error, exc.http_status, content_type="application/json")
         content_type = upstream.headers.get("Content-Type", "application/json")
         if not stream:
             return Response(upstream.content, upstream.status_code, content_type=content_type)
@@ -55,6 +50,13 @@ def create_app(args: LlamaServerArgs | None = None, executable: str | os.PathLik
         return response
 
     return app
+
+
+def create_app(args: LlamaServerArgs | None = None, executable: str | os.PathLike[str] | None = None) -> Flask:
+    """The app with one server per worker process, started by its first request; ``args`` default to
+    ``LlamaServerArgs.from_env("LLAMA_PROC_")``."""
+    server_args = args or LlamaServerArgs.from_env("LLAMA_PROC_")
+    return relay_response(lambda: shared_server(server_args, executable))
 
 
 if __name__ == "__main__":

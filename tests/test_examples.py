@@ -186,3 +186,85 @@ def test_django_project(tiny_model: Path, llama_exe: Path, tmp_path: Path) -> No
     finally:
         proc.terminate()  # the process exits; its shared server is stopped with it
         proc.communicate(timeout=30)
+
+
+def _gunicorn(args: list[str], env: dict[str, str], port: int) -> Any:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "--chdir", str(EXAMPLES), *args],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+            return proc
+        except requests.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError("gunicorn did not come up") from None
+            time.sleep(0.1)
+
+
+def _llama_servers_under(root: int) -> list[int]:
+    from .conftest import children_of
+
+    found, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        for child in children_of(pid):
+            queue.append(child)
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as fh:
+                    if b"llama-server" in fh.read().split(b"\0")[0]:
+                        found.append(child)
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize("pattern", ["server-per-worker", "master-server-attached"])
+def test_gunicorn_patterns(pattern: str, tiny_model: Path, llama_exe: Path) -> None:
+    import os
+    import signal
+    import socket
+
+    pytest.importorskip("gunicorn")
+    from .conftest import pid_alive, wait_until
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, LLAMA_PROC_MODEL=str(tiny_model), LLAMA_PROC_ALIAS="tiny", LLAMA_PROC_N_CTX="512",
+               LLAMA_SERVER_PATH=str(llama_exe))  # fmt: skip
+    if pattern == "server-per-worker":
+        proc = _gunicorn(["-w", "2", "--threads", "4", "flask_app:create_app()"], env, port)
+    else:
+        proc = _gunicorn(["--preload", "-w", "2", "--threads", "4", "gunicorn_shared:app"], env, port)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        results: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(requests.post(url, json=body, timeout=60).status_code))
+            for _ in range(16)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert results == [200] * 16
+        servers = _llama_servers_under(proc.pid)
+        if pattern == "server-per-worker":
+            assert 1 <= len(servers) <= 2  # at most one per worker
+        else:
+            assert len(servers) == 1 and servers[0] in _llama_servers_under(proc.pid)
+            from .conftest import children_of
+
+            assert servers[0] in children_of(proc.pid)  # the master's own child
+    finally:
+        proc.send_signal(signal.SIGTERM)  # graceful shutdown: workers and master exit
+        proc.wait(60)
+    assert wait_until(lambda: not any(pid_alive(p) for p in servers), 15), "a llama-server outlived gunicorn"
