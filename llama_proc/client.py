@@ -26,7 +26,16 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
+from urllib3.exceptions import (
+    ClosedPoolError,
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 from urllib3.util.retry import Retry
+from urllib3.util.timeout import Timeout as Urllib3Timeout
 
 from ._transport import translate_error
 from ._version import __version__
@@ -82,6 +91,48 @@ class _Adapter(HTTPAdapter):
     def request_url(self, request: Any, proxies: Any) -> str:
         return str(request.path_url)
 
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Any = None,
+    ) -> requests.Response:
+        """The general adapter's send, less what a single local plain-HTTP server never needs; a
+        non-streamed body is read in one go. (Where ``HTTPAdapter.send`` has been replaced, for
+        example by the ``responses`` mocking library, that replacement is used.)"""
+        if HTTPAdapter.send is not _BASE_SEND:
+            return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+        try:
+            raw = self._pool.urlopen(
+                method=request.method,
+                url=request.path_url,
+                body=request.body,
+                headers=request.headers,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=not stream,
+                decode_content=False,
+                retries=self.max_retries,
+                timeout=_timeout_of(timeout),
+                chunked=False,
+            )
+        except MaxRetryError as exc:
+            if isinstance(exc.reason, ConnectTimeoutError) and not isinstance(exc.reason, NewConnectionError):
+                raise requests.exceptions.ConnectTimeout(exc, request=request) from None
+            raise requests.exceptions.ConnectionError(exc, request=request) from None
+        except ReadTimeoutError as exc:
+            raise requests.exceptions.ReadTimeout(exc, request=request) from None
+        except (ProtocolError, ClosedPoolError, OSError) as exc:
+            raise requests.exceptions.ConnectionError(exc, request=request) from None
+        response = self.build_response(request, raw)
+        if not stream:
+            response._content = raw.data
+            response._content_consumed = True  # type: ignore[attr-defined]
+        return response
+
     def build_response(self, req: Any, resp: Any) -> requests.Response:
         response = requests.Response()
         response.status_code = resp.status
@@ -105,6 +156,27 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_BASE_SEND = HTTPAdapter.send
+_timeouts: dict[Any, Urllib3Timeout] = {}
+
+
+def _timeout_of(timeout: Any) -> Urllib3Timeout:
+    """A urllib3 Timeout for a number, a (connect, read) pair or None; the few distinct ones are cached."""
+    try:
+        return _timeouts[timeout]
+    except (KeyError, TypeError):
+        pass
+    if isinstance(timeout, tuple):
+        connect, read = timeout
+        made = Urllib3Timeout(connect=connect, read=read)
+    else:
+        made = Urllib3Timeout(connect=timeout, read=timeout)
+    if len(_timeouts) < 64:
+        with contextlib.suppress(TypeError):
+            _timeouts[timeout] = made
+    return made
 
 
 def _body_of(response: requests.Response) -> Any:
@@ -269,6 +341,7 @@ class LlamaClient(Endpoints):
         session.trust_env = False
         session.headers.update({"User-Agent": f"llama-proc/{__version__}", "Accept": "application/json"})
         del session.headers["Accept-Encoding"]  # llama-server does not compress; skip the decoder
+        del session.headers["Connection"]  # keep-alive is HTTP/1.1's default
         if api_key:
             session.headers["Authorization"] = f"Bearer {api_key}"
         retry = Retry(
@@ -331,7 +404,7 @@ class LlamaClient(Endpoints):
             return self._adapter.send(
                 request,
                 stream=stream,
-                timeout=effective,  # type: ignore[arg-type]
+                timeout=effective,
                 verify=True,
                 cert=None,
                 proxies=self._proxies,
