@@ -26,6 +26,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
+from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import (
     ClosedPoolError,
     ConnectTimeoutError,
@@ -70,12 +71,23 @@ _SOCKET_OPTIONS = [
 ]
 
 
+class _Pool(HTTPConnectionPool):
+    """A pool that drops connections marked as not reusable instead of keeping them."""
+
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None and getattr(conn, "_llama_proc_discard", False):
+            conn.close()
+            conn = None  # keeps the slot: the next request opens a fresh connection
+        super()._put_conn(conn)
+
+
 class _Adapter(HTTPAdapter):
     """An adapter for exactly one plain-HTTP server: the per-call work of the general adapter
     (URL parsing to pick a pool, proxy and TLS checks, cookie extraction) is done once or not at all."""
 
     def __init__(self, base_url: str, pool_maxsize: int, max_retries: Retry) -> None:
         super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=max_retries)
+        self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme, "http": _Pool}
         self._pool = self.poolmanager.connection_from_url(base_url)
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
@@ -127,6 +139,12 @@ class _Adapter(HTTPAdapter):
             raise requests.exceptions.ReadTimeout(exc, request=request) from None
         except (ProtocolError, ClosedPoolError, OSError) as exc:
             raise requests.exceptions.ConnectionError(exc, request=request) from None
+        if stream:
+            # llama-server closes the connection after a streamed answer: never offer it for reuse,
+            # or the next request could be written into a socket the server is closing
+            connection = getattr(raw, "_connection", None)
+            if connection is not None:
+                connection._llama_proc_discard = True
         response = self.build_response(request, raw)
         if not stream:
             response._content = raw.data

@@ -160,3 +160,12 @@ def test_port_taken_by_another_process_retries(
         with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256)) as server:
             assert server.port != taken
             assert server.health() == {"status": "ok"}
+
+
+def test_calls_right_after_a_stream_never_hit_a_closing_socket(shared_server: LlamaServer) -> None:
+    # llama-server closes the connection after every streamed answer; the pool must not reuse it
+    for _ in range(30):
+        with shared_server.chat_completions({**CHAT, "max_tokens": 2, "stream": True}) as stream:
+            for _chunk in stream:
+                pass
+        assert shared_server.tokenize("x")["tokens"]

@@ -1,0 +1,62 @@
+"""Shared helpers of the benchmarks: the binary and model, robust timing, and the result table."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama_proc import LlamaServerArgs, ensure_executable  # noqa: E402
+from llama_proc.tiny_model import ensure_tiny_model  # noqa: E402
+
+ROWS: list[tuple[str, str, str, str, str, bool]] = []
+
+
+def setup() -> tuple[Path, LlamaServerArgs]:
+    """The llama-server (built or downloaded once) and the tiny model's args."""
+    return ensure_executable(), LlamaServerArgs(model=ensure_tiny_model(), n_ctx=1024, n_parallel=4)
+
+
+def per_call(fn: Callable[[], object], n: int, rounds: int = 7) -> float:
+    """Median over ``rounds`` of the mean seconds per call of ``n`` calls (after a warm-up)."""
+    for _ in range(max(10, n // 10)):
+        fn()
+    samples = []
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples.append((time.perf_counter() - t) / n)
+    finally:
+        gc.enable()
+    return statistics.median(samples)
+
+
+def record(name: str, ours: float, baseline: float, unit: str, target: str, ok: bool) -> None:
+    """Add one row; ``target`` says what passing means (ratio <= 1.05, ...)."""
+    ratio = ours / baseline if baseline else float("inf")
+    ROWS.append((name, f"{ours:.3f} {unit}", f"{baseline:.3f} {unit}", f"{ratio:.3f}", target, ok))
+
+
+def report(title: str) -> int:
+    """Print the table; exit status 1 when a row failed its target."""
+    print(f"\n{title} ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"{time.strftime('%Y-%m-%d')})")  # fmt: skip
+    widths = [
+        max(len(str(r[i])) for r in [("benchmark", "llama_proc", "baseline", "ratio", "target", "")] + ROWS)
+        for i in range(5)
+    ]
+    header = ("benchmark", "llama_proc", "baseline", "ratio", "target")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  result")
+    for row in ROWS:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row[:5], widths)) + ("  PASS" if row[5] else "  FAIL"))
+    return 0 if all(r[5] for r in ROWS) else 1
