@@ -13,8 +13,8 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama_proc import LlamaServerArgs, ensure_executable  # noqa: E402
-from llama_proc.tiny_model import ensure_tiny_model  # noqa: E402
+from llama_proc import LlamaServerArgs, ensure_executable
+from llama_proc.tiny_model import ensure_tiny_model
 
 ROWS: list[tuple[str, str, str, str, str, bool]] = []
 
@@ -52,7 +52,7 @@ def report(title: str) -> int:
     print(f"\n{title} ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d')})")  # fmt: skip
     widths = [
-        max(len(str(r[i])) for r in [("benchmark", "llama_proc", "baseline", "ratio", "target", "")] + ROWS)
+        max(len(str(r[i])) for r in [("benchmark", "llama_proc", "baseline", "ratio", "target", ""), *ROWS])
         for i in range(5)
     ]
     header = ("benchmark", "llama_proc", "baseline", "ratio", "target")

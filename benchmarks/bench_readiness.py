@@ -50,7 +50,7 @@ def main() -> int:
     executable, args = setup()
     dialect = flag_dialect(executable)
     ours, raw, stops = [], [], []
-    for i in range(12):
+    for _i in range(12):
         server = LlamaServer(executable, args)
         t = time.perf_counter()
         server.start()
