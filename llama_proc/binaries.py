@@ -79,6 +79,17 @@ def cache_dir() -> Path:
     return Path(override) if override else Path(appdirs.user_cache_dir("llama_proc"))
 
 
+def private_cache_dir() -> Path:
+    """:func:`cache_dir`, created if needed with user-only permissions (0700), so that nothing written
+    below it (binaries, sources, models, locks) can be read or replaced by other users."""
+    path = cache_dir()
+    if not path.is_dir():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.name == "posix":
+            path.chmod(0o700)
+    return path
+
+
 def package_bin_dir() -> Path:
     """The ``bin/`` folder inside the installed package."""
     return Path(__file__).resolve().parent / "bin"
@@ -178,7 +189,7 @@ def fetch_source(name: str | None = None, version: str | None = None) -> Path:
         return Path(override)
     name = name or PINNED_SOURCE[0]
     version = version or PINNED_SOURCE[1]
-    dest = cache_dir() / "sources"
+    dest = private_cache_dir() / "sources"
     pattern = f"{name.replace('-', '_')}-{version}.tar.gz"
     target = dest / pattern
     if target.is_file():
@@ -421,7 +432,7 @@ def _read_info(directory: Path) -> dict[str, object] | None:
 
 def _acquire_install_lock(target: str, variant: str, timeout: float) -> filelock.BaseFileLock:
     """The lock that serialises every install and build of one target/variant (in all processes)."""
-    locks = cache_dir() / "locks"
+    locks = private_cache_dir() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(locks / f"{target}-{variant}.lock"), timeout=timeout)
     try:
@@ -480,7 +491,7 @@ def build_from_source(
     if shutil.which("cmake", path=tool_path) is None:
         raise BuildError("cmake is not installed; install it (for example `pip install cmake`) and retry")
     target = current_target()
-    cache = cache_dir()
+    cache = private_cache_dir()
     bin_dir = cache / "bin" / target / variant
     digest = source_digest(src)
     lock = _acquire_install_lock(target, variant, lock_timeout)
@@ -639,7 +650,7 @@ def install_prebuilt(
             f"llama.cpp publishes no prebuilt llama-server for {target}/{variant}",
             "build it from source: llama-proc install --variant " + variant + " --from-source PATH",
         )
-    bin_dir = (dest_root or cache_dir() / "bin") / target / variant
+    bin_dir = (dest_root or private_cache_dir() / "bin") / target / variant
     exe = executable_name("llama-server", target)
     lock = _acquire_install_lock(target, variant, lock_timeout)
     try:

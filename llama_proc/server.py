@@ -6,8 +6,10 @@ import enum
 import errno
 import html
 import http.client
+import ipaddress
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -107,6 +109,15 @@ def _connect_host(host: str) -> str:
     if host in ("::", "[::]"):
         return "::1"
     return host.strip("[]")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _url_host(host: str) -> str:
@@ -279,6 +290,11 @@ class LlamaServer(Endpoints):
         return self._executable
 
     @property
+    def api_key(self) -> str | None:
+        """The API key in effect (the generated one when ``api_key="auto"``), to hand to other clients."""
+        return self.args.api_key
+
+    @property
     def port(self) -> int | None:
         """The port the server listens on, once started (or the configured one)."""
         return self.args.port
@@ -413,9 +429,19 @@ class LlamaServer(Endpoints):
             _check_port_free(self._args.host, fixed_port)
         env = {**os.environ, **self._env} if self._env else None
         env = library_env(executable, env) or env
+        base_args = self._args
+        if base_args.api_key == "auto":
+            # a strong key for this run; the client sends it, `server.api_key` tells it to others
+            base_args = base_args.evolve(api_key=secrets.token_urlsafe(32))
+        if base_args.api_key is None and not _is_loopback(base_args.host):
+            _log.warning(
+                "llama-server will listen on %s without an API key: anyone who can reach it can use it; "
+                'set api_key (api_key="auto" generates one)',
+                base_args.host,
+            )
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             port = fixed_port if fixed_port is not None else self._pick_port()
-            args = self._args if fixed_port is not None else self._args.evolve(port=port)
+            args = base_args if fixed_port is not None else base_args.evolve(port=port)
             argv = [str(executable), *args.to_args(dialect)]
             _log.info("starting %s", " ".join(_redact(argv)))
             proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self._stop_timeout)

@@ -181,7 +181,7 @@ def ensure_tiny_model(source: str | os.PathLike[str] | None = None, *, seed: int
     :param seed: seed of the random weights.
     :returns: the path of the ``.gguf`` file in the user cache directory.
     """
-    cache = binaries.cache_dir() / "models"
+    cache = binaries.private_cache_dir() / "models"
     target = cache / f"tiny-llama-v{_FORMAT_VERSION}-s{seed}.gguf"
     if target.is_file():
         return target
