@@ -22,17 +22,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-import zipfile
 from collections import deque
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import appdirs
-import filelock
 import requests
+
+if TYPE_CHECKING:
+    import filelock
 
 from ._download import download
 from .errors import BuildError, ChecksumMismatch, ConfigError, DownloadError, ExecutableNotFound, IoError, LockTimeout
@@ -195,6 +195,8 @@ def fetch_source(name: str | None = None, version: str | None = None) -> Path:
     if target.is_file():
         return target
     dest.mkdir(parents=True, exist_ok=True)
+    import filelock
+
     with filelock.FileLock(str(dest / f".{pattern}.lock"), timeout=600):
         if target.is_file():
             return target
@@ -273,6 +275,9 @@ def _safe_extract(archive: Path, dest: Path) -> None:
         target = (dest / name).resolve()
         if target != dest_resolved and dest_resolved not in target.parents:
             raise BuildError(f"archive member {name!r} would be written outside {dest}")
+
+    import tarfile
+    import zipfile
 
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
@@ -431,6 +436,8 @@ def _read_info(directory: Path) -> dict[str, object] | None:
 
 
 def _acquire_install_lock(target: str, variant: str, timeout: float) -> filelock.BaseFileLock:
+    import filelock
+
     """The lock that serialises every install and build of one target/variant (in all processes)."""
     locks = private_cache_dir() / "locks"
     locks.mkdir(parents=True, exist_ok=True)

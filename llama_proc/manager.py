@@ -8,7 +8,6 @@ talks to the parent's through :meth:`LlamaServer.attach`.
 
 from __future__ import annotations
 
-import configparser
 import functools
 import logging
 import os
@@ -19,7 +18,6 @@ from typing import Any, Iterable, Mapping
 
 import requests
 
-from ._convert import args_from_strings
 from .config import LlamaServerArgs
 from .errors import ConfigError, ModelNotRegistered, ServerBusy, ServerNotRunning, SharedServerConflict
 from .server import EventKind, Listener, LlamaServer, ServerEvent, emit, owned_servers
@@ -231,6 +229,10 @@ class ServerManager:
             tables = data.get("models", data)
             self.register_all(tables)
             return list(tables)
+        import configparser
+
+        from ._convert import args_from_strings
+
         parser = configparser.ConfigParser(interpolation=None)
         try:
             parser.read_string(text, source=str(file))

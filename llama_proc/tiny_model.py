@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import filelock
 
 from . import binaries
 from .errors import ConfigError, IoError
@@ -152,6 +149,8 @@ class _suppress_oserror:
 
 def _extract_vocab(source: Path, dest: Path) -> Path:
     """Copy the vocabulary out of a source tree or a source archive into ``dest``."""
+    import tarfile
+
     if source.is_dir():
         root = binaries.find_source_root(source)
         return root / VOCAB_MEMBER
@@ -186,6 +185,8 @@ def ensure_tiny_model(source: str | os.PathLike[str] | None = None, *, seed: int
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
+    import filelock
+
     with filelock.FileLock(str(cache / ".tiny-model.lock"), timeout=300):
         if target.is_file():
             return target
