@@ -8,11 +8,12 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
-
-import requests
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from .errors import ChecksumMismatch, DownloadError
+
+if TYPE_CHECKING:
+    import requests
 
 _log = logging.getLogger("llama_proc.binaries")
 
@@ -40,6 +41,8 @@ def download(
     :raises DownloadError: when the download fails.
     :raises ChecksumMismatch: when the content's digest differs from ``sha256``.
     """
+    import requests
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     attempts = len(retry_delays) + 1
     for attempt in range(1, attempts + 1):
@@ -62,6 +65,8 @@ def _download_once(
     progress: Progress | None,
     timeout: tuple[float, float],
 ) -> Path:
+    import requests
+
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         digest = hashlib.sha256()

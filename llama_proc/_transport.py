@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import requests
-
 from .errors import APIConnectionError, APITimeoutError
 
 
 def translate_error(exc: BaseException, url: str, hint: str = "") -> APIConnectionError:
     """A transport failure as :class:`APIConnectionError` (or :class:`APITimeoutError`)."""
+    import requests
+
     suffix = f" ({hint})" if hint else ""
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return APITimeoutError(f"could not connect in time{suffix}", url)

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import appdirs
-import requests
 
 if TYPE_CHECKING:
     import filelock
+    import requests
 
 from ._download import download
 from .errors import BuildError, ChecksumMismatch, ConfigError, DownloadError, ExecutableNotFound, IoError, LockTimeout
@@ -734,6 +734,8 @@ def install_prebuilt(
 
 @contextlib.contextmanager
 def _release_session(token: str | None) -> Iterator[requests.Session]:
+    import requests
+
     session = requests.Session()
     session.headers["User-Agent"] = "llama-proc"
     tok = token if token is not None else github_token()

@@ -360,9 +360,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         level=logging.INFO if ns.verbose_log else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    server_output = logging.getLogger("llama_proc.server")
+    previous_level = server_output.level
     if not ns.verbose_log:
-        # the server's own warnings (no API key, slot notes) are noise on a terminal; errors still show
-        logging.getLogger("llama_proc.server").setLevel(logging.ERROR)
+        # llama-server's own warnings (slot notes, CORS) are noise on a terminal; its errors still show
+        server_output.setLevel(logging.ERROR)
     try:
         return _COMMANDS[ns.command](ns, stream)
     except LlamaProcError as exc:
@@ -371,3 +373,5 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("llama-proc: interrupted\n")
         return 130
+    finally:
+        server_output.setLevel(previous_level)

@@ -14,14 +14,15 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-import requests
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .config import LlamaServerArgs
 from .errors import ConfigError, ModelNotRegistered, ServerBusy, ServerNotRunning, SharedServerConflict
 from .server import EventKind, Listener, LlamaServer, ServerEvent, emit, owned_servers
 from .streaming import Stream
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = ["ServerManager", "shared_server", "stop_all"]
 

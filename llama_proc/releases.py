@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Mapping, NamedTuple, Sequence
-
-import requests
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 from .errors import ConfigError, DownloadError
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = [
     "ASSETS",
@@ -108,6 +109,8 @@ def asset_names(target: str, variant: str, tag: str) -> list[str]:
 
 
 def _session(token: str | None) -> requests.Session:
+    import requests
+
     session = requests.Session()  # trusts the environment: proxies apply to internet downloads
     session.headers["Accept"] = "application/vnd.github+json"
     session.headers["User-Agent"] = "llama-proc"
@@ -128,6 +131,8 @@ def fetch_release(
 
     :raises DownloadError: when the API cannot be reached or does not know the tag.
     """
+    import requests
+
     url = f"{base_url or api_url()}/repos/{REPOSITORY}/releases/tags/{tag}"
     own = session is None
     http = session or _session(token if token is not None else github_token())

@@ -17,10 +17,9 @@ import urllib.parse
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import attrs
-import requests
 
 from .binaries import find_executable, library_env
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
@@ -40,9 +39,12 @@ from .errors import (
 from .process import ServerProcess
 from .versions import flag_dialect
 
+if TYPE_CHECKING:
+    import requests
+
 __all__ = ["EventKind", "Listener", "LlamaServer", "RestartPolicy", "Server", "ServerEvent"]
 
-_log = logging.getLogger("llama_proc.server")
+_log = logging.getLogger("llama_proc.lifecycle")  # llama_proc.server carries the process's own output
 
 #: How often readiness is probed at most (it is also probed at once whenever the server logs a line).
 _POLL_MAX_INTERVAL = 0.005

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 from types import TracebackType
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import attrs
-import requests
 
 from ._transport import translate_error
 from .errors import APIStreamError
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = ["SSEDecoder", "ServerSentEvent", "Stream"]
 
@@ -169,6 +171,8 @@ class Stream(Iterator[dict[str, Any]]):
                 callback()
 
     def _raw_chunks(self) -> Iterator[bytes]:
+        import requests
+
         try:
             yield from self.response.iter_content(chunk_size=None)
         except requests.RequestException as exc:

@@ -1,0 +1,204 @@
+"""The requests/urllib3 side of :class:`~llama_proc.LlamaClient`, loaded with the first client.
+
+An adapter bound to exactly one plain-HTTP server: the per-call work of the general adapter (URL
+parsing to pick a pool, proxy and TLS checks, cookie extraction) is done once or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from typing import Any, Mapping
+
+import requests
+from requests import RequestException
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from requests.utils import get_encoding_from_headers
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import (
+    ClosedPoolError,
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+from urllib3.util.retry import Retry
+from urllib3.util.timeout import Timeout as Urllib3Timeout
+
+from ._version import __version__
+
+__all__ = ["Adapter", "RequestException", "new_session", "prepare"]
+
+_SOCKET_OPTIONS = [
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+]
+
+
+class _Pool(HTTPConnectionPool):
+    """A pool that drops connections marked as not reusable instead of keeping them."""
+
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None and getattr(conn, "_llama_proc_discard", False):
+            conn.close()
+            conn = None  # keeps the slot: the next request opens a fresh connection
+        super()._put_conn(conn)
+
+
+class Adapter(HTTPAdapter):
+    """An adapter for exactly one plain-HTTP server: the per-call work of the general adapter
+    (URL parsing to pick a pool, proxy and TLS checks, cookie extraction) is done once or not at all."""
+
+    def __init__(self, base_url: str, pool_maxsize: int, max_retries: Retry) -> None:
+        super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=max_retries)
+        self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme, "http": _Pool}
+        self._pool = self.poolmanager.connection_from_url(base_url)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        pool_kwargs.setdefault("socket_options", _SOCKET_OPTIONS)
+        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+
+    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None, cert: Any = None) -> Any:
+        return self._pool
+
+    def cert_verify(self, conn: Any, url: Any, verify: Any, cert: Any) -> None:
+        return None  # plain HTTP on a local address: nothing to verify
+
+    def request_url(self, request: Any, proxies: Any) -> str:
+        return str(request.path_url)
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Any = None,
+    ) -> requests.Response:
+        """The general adapter's send, less what a single local plain-HTTP server never needs; a
+        non-streamed body is read in one go. (Where ``HTTPAdapter.send`` has been replaced, for
+        example by the ``responses`` mocking library, that replacement is used.)"""
+        if HTTPAdapter.send is not _BASE_SEND:
+            return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+        try:
+            raw = self._pool.urlopen(
+                method=request.method,
+                url=request.path_url,
+                body=request.body,
+                headers=request.headers,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=not stream,
+                decode_content=False,
+                retries=self.max_retries,
+                timeout=_timeout_of(timeout),
+                chunked=False,
+            )
+        except MaxRetryError as exc:
+            if isinstance(exc.reason, ConnectTimeoutError) and not isinstance(exc.reason, NewConnectionError):
+                raise requests.exceptions.ConnectTimeout(exc, request=request) from None
+            raise requests.exceptions.ConnectionError(exc, request=request) from None
+        except ReadTimeoutError as exc:
+            raise requests.exceptions.ReadTimeout(exc, request=request) from None
+        except (ProtocolError, ClosedPoolError, OSError) as exc:
+            raise requests.exceptions.ConnectionError(exc, request=request) from None
+        if stream:
+            # llama-server closes the connection after a streamed answer: never offer it for reuse,
+            # or the next request could be written into a socket the server is closing
+            connection = getattr(raw, "_connection", None)
+            if connection is not None:
+                connection._llama_proc_discard = True
+        response = self.build_response(request, raw)
+        if not stream:
+            response._content = raw.data
+            response._content_consumed = True  # type: ignore[attr-defined]
+        return response
+
+    def build_response(self, req: Any, resp: Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = CaseInsensitiveDict(resp.headers)
+        response.encoding = get_encoding_from_headers(response.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
+
+
+_BASE_SEND = HTTPAdapter.send
+_timeouts: dict[Any, Urllib3Timeout] = {}
+
+
+def _timeout_of(timeout: Any) -> Urllib3Timeout:
+    """A urllib3 Timeout for a number, a (connect, read) pair or None; the few distinct ones are cached."""
+    try:
+        return _timeouts[timeout]
+    except (KeyError, TypeError):
+        pass
+    if isinstance(timeout, tuple):
+        connect, read = timeout
+        made = Urllib3Timeout(connect=connect, read=read)
+    else:
+        made = Urllib3Timeout(connect=timeout, read=timeout)
+    if len(_timeouts) < 64:
+        with contextlib.suppress(TypeError):
+            _timeouts[timeout] = made
+    return made
+
+
+def new_session(
+    base_url: str, api_key: str | None, pool_maxsize: int, connect_retries: int
+) -> tuple[requests.Session, Adapter]:
+    """A Session that ignores the environment, with one :class:`Adapter` mounted on ``base_url``."""
+    session = requests.Session()
+    session.trust_env = False
+    session.headers.update({"User-Agent": f"llama-proc/{__version__}", "Accept": "application/json"})
+    del session.headers["Accept-Encoding"]  # llama-server does not compress; skip the decoder
+    del session.headers["Connection"]  # keep-alive is HTTP/1.1's default
+    if api_key:
+        session.headers["Authorization"] = f"Bearer {api_key}"
+    retry = Retry(
+        total=connect_retries,
+        connect=connect_retries,
+        read=0,
+        status=0,
+        other=0,
+        redirect=0,
+        backoff_factor=0.05,
+        raise_on_status=False,
+    )
+    adapter = Adapter(base_url, pool_maxsize, retry)
+    session.mount(base_url + "/", adapter)
+    return session, adapter
+
+
+def prepare(
+    url: str, method: str, base_headers: Mapping[str, str], body: Any, headers: Mapping[str, str] | None
+) -> requests.PreparedRequest:
+    """A PreparedRequest built directly: JSON bodies encoded once, an empty header value removes it."""
+    request = requests.PreparedRequest()
+    request.method = method
+    request.url = url
+    hdrs: CaseInsensitiveDict[str] = CaseInsensitiveDict(base_headers)
+    if headers:
+        hdrs.update(headers)
+        hdrs = CaseInsensitiveDict({k: v for k, v in hdrs.items() if v})
+    if body is not None:
+        if isinstance(body, (bytes, bytearray)):
+            data = bytes(body)
+        else:
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            hdrs.setdefault("Content-Type", "application/json")
+        hdrs["Content-Length"] = str(len(data))
+        request.body = data
+    elif method in ("POST", "PUT", "PATCH"):
+        hdrs["Content-Length"] = "0"
+    request.headers = hdrs
+    request.hooks = {"response": []}
+    return request
