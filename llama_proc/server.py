@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import errno
 import html
-import http.client
 import ipaddress
 import logging
 import os
@@ -490,6 +489,8 @@ class LlamaServer(Endpoints):
             raise StartupError(f"cannot bind {self._args.host}: {exc.strerror}; check the host setting") from None
 
     def _wait_ready(self, proc: ServerProcess, args: LlamaServerArgs) -> None:
+        import http.client  # here, not at import: it pulls in the email package
+
         host = _connect_host(args.host)
         assert args.port is not None
         conn: http.client.HTTPConnection | None = None
