@@ -28,13 +28,12 @@ from collections import deque
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
-import appdirs
-
 if TYPE_CHECKING:
     import filelock
     import requests
 
 from ._download import download
+from ._paths import cache_dir, private_cache_dir
 from .errors import BuildError, ChecksumMismatch, ConfigError, DownloadError, ExecutableNotFound, IoError, LockTimeout
 from .platforms import current_target, default_variant, executable_name, resolve_variant, runnable_variants
 from .releases import asset_names, fetch_release, github_token, release_tag
@@ -71,23 +70,6 @@ _FIX_HINT = (
     "build it with `llama-proc build --source PATH_TO_LLAMA_CPP_SOURCE` (or `llama-proc demo`, which "
     "fetches a pinned source), or point LLAMA_SERVER_PATH at an existing llama-server"
 )
-
-
-def cache_dir() -> Path:
-    """The user cache directory of llama_proc (``LLAMA_PROC_CACHE_DIR`` overrides it)."""
-    override = os.environ.get("LLAMA_PROC_CACHE_DIR")
-    return Path(override) if override else Path(appdirs.user_cache_dir("llama_proc"))
-
-
-def private_cache_dir() -> Path:
-    """:func:`cache_dir`, created if needed with user-only permissions (0700), so that nothing written
-    below it (binaries, sources, models, locks) can be read or replaced by other users."""
-    path = cache_dir()
-    if not path.is_dir():
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if os.name == "posix":
-            path.chmod(0o700)
-    return path
 
 
 def package_bin_dir() -> Path:

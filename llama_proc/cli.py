@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--from-source", metavar="SRC", help="build from this llama.cpp source tree or archive")
 
     sub.add_parser("list", help="list the installed llama-server binaries")
-    sub.add_parser("doctor", help="explain which llama-server would run, and why")
+    doctor = sub.add_parser("doctor", help="explain which llama-server would run, and why")
+    doctor.add_argument("--reap", action="store_true", help="stop servers left behind by processes that died")
 
     serve = sub.add_parser("serve", help="run llama-server in the foreground until Ctrl-C")
     serve.add_argument("--executable", help="the llama-server to run (default: found)")
@@ -225,6 +226,13 @@ def _cmd_list(ns: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_doctor(ns: argparse.Namespace, out: TextIO) -> int:
+    if ns.reap:
+        from ._registry import reap_stale
+
+        reaped = reap_stale()
+        out.write(
+            f"stopped {len(reaped)} stale llama-server(s){': ' + ', '.join(map(str, reaped)) if reaped else ''}\n\n"
+        )
     target = current_target()
     variant, why = choose_variant(None)
     w = out.write

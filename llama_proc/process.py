@@ -26,6 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Any, Mapping, Sequence
 
+from . import _registry
 from .errors import IoError, StartupError
 
 __all__ = ["ServerProcess", "parse_log_line"]
@@ -194,6 +195,7 @@ def _terminate(popen: subprocess.Popen[bytes], pumps: Sequence[threading.Thread]
             except OSError:
                 pass
     _guardian.unregister(popen.pid)
+    _registry.forget(popen.pid)
     return popen.returncode
 
 
@@ -287,6 +289,7 @@ class ServerProcess:
         self._popen = popen
         self._owner = os.getpid()
         _guardian.register(popen.pid)
+        _registry.record(popen.pid, self.argv[0])
         name = Path(self.argv[0]).name
         for source, stream in (("stdout", popen.stdout), ("stderr", popen.stderr)):
             assert stream is not None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Se
 
 import attrs
 
+from ._registry import reap_stale
 from .binaries import find_executable, library_env
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
 from .config import LlamaServerArgs
@@ -81,6 +82,20 @@ class Server(Protocol):
 
     def detokenize(self, request: Mapping[str, Any] | list[int], *, timeout: Timeout | object = ...) -> dict[str, Any]:
         """Tokens -> text."""
+
+
+_reaped = False
+
+
+def _reap_once() -> None:
+    # servers left behind by processes that died without cleaning up: stopped at the first start
+    global _reaped
+    if not _reaped:
+        _reaped = True
+        try:
+            reap_stale()
+        except Exception:  # never let housekeeping break a start
+            _log.debug("reaping stale servers failed", exc_info=True)
 
 
 def _free_port(host: str) -> int:
@@ -401,6 +416,7 @@ class LlamaServer(Endpoints):
             if health.get("status") != "ok":
                 raise HealthCheckError(f"{self._attached_url}/health answered {health!r}")
             return
+        _reap_once()
         with self._lock:
             if self._proc is not None and self._proc.is_running():
                 raise ServerAlreadyRunning(self._proc.pid or 0, self.base_url)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import binaries
+from ._paths import private_cache_dir
 from .errors import ConfigError, IoError
 
 __all__ = ["TINY_CHAT_TEMPLATE", "VOCAB_MEMBER", "ensure_tiny_model", "write_tiny_model"]
@@ -180,7 +181,7 @@ def ensure_tiny_model(source: str | os.PathLike[str] | None = None, *, seed: int
     :param seed: seed of the random weights.
     :returns: the path of the ``.gguf`` file in the user cache directory.
     """
-    cache = binaries.private_cache_dir() / "models"
+    cache = private_cache_dir() / "models"
     target = cache / f"tiny-llama-v{_FORMAT_VERSION}-s{seed}.gguf"
     if target.is_file():
         return target

@@ -85,7 +85,8 @@ def tiny_model(pytestconfig: pytest.Config) -> Path:
 def shared_server(llama_exe: Path, tiny_model: Path) -> Iterator[LlamaServer]:
     """One real server for the read-only integration tests."""
     args = LlamaServerArgs(model=tiny_model, alias="tiny", n_ctx=1024, n_parallel=4, metrics=True, seed=7)
-    with LlamaServer(llama_exe, args) as server:
+    # autostart: tests of stop_all() stop every server of this process, this one included
+    with LlamaServer(llama_exe, args, autostart=True) as server:
         yield server
 
 

@@ -71,3 +71,83 @@ def test_server_outlives_the_thread_that_started_it(llama_exe: Path, tiny_model:
         assert server.health() == {"status": "ok"}
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_sigkilled_parent_twenty_trials(llama_exe: Path, tiny_model: Path, trial: int) -> None:
+    child, server_pid = _start_child(llama_exe, tiny_model)
+    try:
+        child.kill()
+        child.wait(10)
+        assert wait_until(lambda: not pid_alive(server_pid), 10), f"trial {trial}: llama-server outlived its parent"
+    finally:
+        if child.stdout:
+            child.stdout.close()
+        if pid_alive(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+
+
+REAP_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from llama_proc import LlamaServer, LlamaServerArgs
+    from llama_proc.process import _guardian
+    server = LlamaServer(sys.argv[1], LlamaServerArgs(model=sys.argv[2], n_ctx=256))
+    server.start()
+    print(server.pid, _guardian.pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_stale_server_is_reaped_and_strangers_are_not(llama_exe: Path, tiny_model: Path, tmp_path: Path) -> None:
+    import json
+
+    from llama_proc import _registry
+    from llama_proc.cli import main
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", REAP_CHILD, str(llama_exe), str(tiny_model)], stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert child.stdout is not None
+    server_pid, guardian_pid = map(int, child.stdout.readline().split())
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        os.kill(guardian_pid, signal.SIGKILL)  # what an OOM killer or `pkill python` might do
+        child.kill()
+        child.wait(10)
+        time.sleep(0.5)
+        assert pid_alive(server_pid), "the server should be orphaned for this test"
+        # a forged record pointing at someone else's process must be left alone
+        run = _registry._run_dir()
+        forged = {"pid": stranger.pid, "start": _registry.start_time(stranger.pid), "executable": str(llama_exe),
+                  "owner": 999_999_999, "owner_start": 1}  # fmt: skip
+        (run / f"{stranger.pid}.json").write_text(json.dumps(forged))
+        import io
+
+        out = io.StringIO()
+        assert main(["doctor", "--reap"], out=out) in (0, 1)
+        assert f"stopped 1 stale llama-server(s): {server_pid}" in out.getvalue()
+        assert wait_until(lambda: not pid_alive(server_pid), 10)
+        assert stranger.poll() is None  # not ours: untouched
+        assert not (run / f"{stranger.pid}.json").exists() and not (run / f"{server_pid}.json").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        if pid_alive(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+
+
+def test_a_running_owners_servers_are_not_reaped(llama_exe: Path, tiny_model: Path) -> None:
+    from llama_proc import _registry
+
+    with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256)) as server:
+        pid = server.pid
+        assert pid is not None and (_registry._run_dir() / f"{pid}.json").exists()
+        assert pid not in _registry.reap_stale()
+        assert server.health()["status"] == "ok"
+    assert not (_registry._run_dir() / f"{pid}.json").exists()  # the record goes with the server

@@ -74,9 +74,9 @@ def test_no_shell_anywhere() -> None:
 
 
 def test_cache_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llama_proc import binaries
+    from llama_proc._paths import private_cache_dir
 
     cache = tmp_path / "fresh" / "cache"
     monkeypatch.setenv("LLAMA_PROC_CACHE_DIR", str(cache))
-    binaries.private_cache_dir()
+    private_cache_dir()
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700

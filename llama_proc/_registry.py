@@ -1,0 +1,126 @@
+"""Records of the servers this user's processes started, to find and stop stale ones.
+
+Each started server is recorded in ``{cache}/run/{pid}.json`` with its start time and its owner's pid
+and start time (from ``/proc``), and the record is removed when the server is stopped. A server whose
+owner died without stopping it (and whose guardian could not either) is *stale*: :func:`reap_stale`
+stops it, but only after checking that the pid still belongs to the same process (same start time,
+same executable), so a reused pid is never signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ._paths import private_cache_dir
+
+_log = logging.getLogger("llama_proc.process")
+_LINUX = sys.platform.startswith("linux")
+
+
+def _run_dir() -> Path:
+    path = private_cache_dir() / "run"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (Linux), or None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
+def _executable_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return None
+
+
+def record(pid: int, argv0: str) -> None:
+    """Write the record of a server just started by this process (Linux only; errors are logged)."""
+    if not _LINUX:
+        return
+    data = {
+        "pid": pid,
+        "start": start_time(pid),
+        "executable": argv0,
+        "owner": os.getpid(),
+        "owner_start": start_time(os.getpid()),
+    }
+    try:
+        target = _run_dir() / f"{pid}.json"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as exc:
+        _log.debug("cannot record server %s: %s", pid, exc)
+
+
+def forget(pid: int) -> None:
+    """Remove the record of a server that was stopped."""
+    if _LINUX:
+        with contextlib.suppress(OSError):
+            (_run_dir() / f"{pid}.json").unlink()
+
+
+def reap_stale(timeout: float = 5.0) -> list[int]:
+    """Stop every recorded server whose owner is gone; returns their pids.
+
+    A record is acted on only when its server pid still runs the same executable with the same start
+    time; records of servers that are gone, or whose pid now belongs to another process, are dropped.
+    """
+    if not _LINUX:
+        return []
+    reaped: list[int] = []
+    try:
+        records = list(_run_dir().glob("*.json"))
+    except OSError:
+        return []
+    for path in records:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            pid, owner = int(data["pid"]), int(data["owner"])
+        except (OSError, ValueError, KeyError, TypeError):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        if start_time(owner) == data.get("owner_start") and start_time(owner) is not None:
+            continue  # its owner still runs: not stale
+        if start_time(pid) != data.get("start") or _executable_of(pid) != data.get("executable"):
+            with contextlib.suppress(OSError):
+                path.unlink()  # gone, or the pid was reused by another process: never touch it
+            continue
+        _log.warning("stopping stale llama-server pid %d (its owner %d is gone)", pid, owner)
+        _stop_group(pid, timeout)
+        reaped.append(pid)
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return reaped
+
+
+def _stop_group(pid: int, timeout: float) -> None:
+    for sig, grace in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if start_time(pid) is None:
+                return
+            time.sleep(0.02)
