@@ -57,6 +57,11 @@ class Adapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme, "http": _Pool}
         self._pool = self.poolmanager.connection_from_url(base_url)
 
+    def close(self) -> None:
+        """Close the pool's idle connections now (clearing a PoolManager only forgets its pools)."""
+        super().close()
+        self._pool.close()
+
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
         pool_kwargs.setdefault("socket_options", _SOCKET_OPTIONS)
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)

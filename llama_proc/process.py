@@ -136,6 +136,7 @@ class _Activity:
         self.lines: deque[str] = deque(maxlen=lines)
         self.last = time.monotonic()
         self.event = threading.Event()
+        self.eof_at: float | None = None  # when the first output pipe closed: the process ended
 
 
 def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None:
@@ -152,6 +153,8 @@ def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None
     except (OSError, ValueError):  # the stream was closed under us during shutdown
         pass
     finally:
+        if activity.eof_at is None:
+            activity.eof_at = time.monotonic()
         activity.event.set()
 
 
@@ -252,6 +255,7 @@ class ServerProcess:
         self._lock = threading.Lock()
         self._exit_code: int | None = None
         self._stopped = False
+        self._stop_asked_at: float | None = None
         self._owner = 0
         self.started_at: float | None = None
 
@@ -336,6 +340,12 @@ class ServerProcess:
         return self._popen.poll() is None
 
     @property
+    def exited_on_its_own(self) -> bool:
+        """True when the process ended before anyone asked it to stop (a crash, or a kill from outside)."""
+        eof = self._activity.eof_at
+        return eof is not None and (self._stop_asked_at is None or eof < self._stop_asked_at)
+
+    @property
     def last_activity(self) -> float:
         """``time.monotonic()`` of the last output line (or of the start)."""
         return self._activity.last
@@ -379,6 +389,8 @@ class ServerProcess:
                 return None  # a forked copy: the process belongs to the parent
             if self._stopped:
                 return self._exit_code
+            if self._stop_asked_at is None:
+                self._stop_asked_at = time.monotonic()
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._finalizer = None

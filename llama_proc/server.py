@@ -653,10 +653,13 @@ class LlamaServer(Endpoints):
     def _on_exit(self, proc: ServerProcess, code: int | None) -> None:
         """Called by the watcher thread when the process exits."""
         with self._lock:
-            if self._stop_requested.is_set() or self._proc is not proc:
-                return  # stop() was called: expected
-            client, self._client = self._client, None
-            self._restarting = self._restart is not None
+            current = self._proc is proc and not self._stop_requested.is_set()
+            if not current and not proc.exited_on_its_own:
+                return  # stopped on request: expected
+            client = None
+            if current:
+                client, self._client = self._client, None
+                self._restarting = self._restart is not None
         if client is not None:
             client.close()
         why = "hung (no answer within the read timeout)" if self._hung else f"exit status {code}"
@@ -664,7 +667,8 @@ class LlamaServer(Endpoints):
         tail = " | ".join(proc.log_tail(3))
         _log.warning("llama-server pid %s exited unexpectedly: %s; last lines: %s", proc.pid, why, tail)
         emit(self._listeners, [ServerEvent(EventKind.CRASH, self._label(), why)])
-        if self._restart is not None:
+        # a crash noticed only after the server was stopped or replaced is reported, not restarted
+        if current and self._restart is not None:
             self._restart_loop(self._restart)
 
     def _restart_loop(self, policy: RestartPolicy) -> None:
@@ -713,11 +717,18 @@ class LlamaServer(Endpoints):
             emit(self._listeners, events)
 
     def _error_hint(self) -> str:
+        # only on the error path: a connection that broke often means the process is dying; give it a
+        # moment to be reaped (a killed multi-threaded process is) so the error can say how it ended
         proc = self._proc
-        if proc is not None and not proc.is_running():
-            last = proc.log_tail(3)
-            return f"llama-server exited with status {proc.returncode}" + (": " + " | ".join(last) if last else "")
-        return ""
+        if proc is None or not proc.owned:
+            return ""
+        code = proc.poll()
+        if code is None:
+            code = proc.wait(0.5)
+        if code is None:
+            return ""
+        last = proc.log_tail(3)
+        return f"llama-server exited with status {code}" + (": " + " | ".join(last) if last else "")
 
     def _http(self) -> LlamaClient:
         return self._require_client()

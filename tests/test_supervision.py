@@ -157,3 +157,25 @@ def test_stop_during_backoff_ends_supervision(fake_exe: Path, model: Path) -> No
     assert time.monotonic() - t < 2
     assert EventKind.RESTART not in events.kinds()
     assert not any(t.name.endswith("-watch") for t in threading.enumerate())
+
+
+def test_a_crash_is_reported_even_when_stop_comes_first(fake_exe: Path, model: Path) -> None:
+    events = Events()
+    server = make(fake_exe, model, events, None)
+    server.start()
+    pid = server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(pid), 5)
+    server.stop()  # possibly before the watcher noticed: the crash must still be reported
+    assert wait_until(lambda: EventKind.CRASH in events.kinds(), 5)
+    assert events.kinds().count(EventKind.CRASH) == 1
+
+
+def test_a_requested_stop_is_not_a_crash(fake_exe: Path, model: Path) -> None:
+    events = Events()
+    server = make(fake_exe, model, events, RestartPolicy(backoff=0.05))
+    server.start()
+    server.stop()
+    time.sleep(0.3)
+    assert events.kinds() == [EventKind.START, EventKind.STOP]
