@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -22,6 +23,13 @@ ROWS: list[tuple[str, str, str, str, str, bool]] = []
 def setup() -> tuple[Path, LlamaServerArgs]:
     """The llama-server (built or downloaded once) and the tiny model's args."""
     return ensure_executable(), LlamaServerArgs(model=ensure_tiny_model(), n_ctx=1024, n_parallel=4)
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def per_call(fn: Callable[[], object], n: int, rounds: int = 7) -> float:

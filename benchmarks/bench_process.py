@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
-from _common import record, report, setup
+from _common import free_port, record, report, setup
 
 from llama_proc import LlamaServer
 from llama_proc.versions import flag_dialect
@@ -56,12 +55,6 @@ def throughput(port: int, n: int = 150) -> float:
             raise OSError(f"status {response.status}")  # still loading: not a measurement
     conn.close()
     return n / (time.perf_counter() - t)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:

@@ -6,13 +6,12 @@ Target: ratio <= 1.05 (median of >= 10 runs). Also ``stop()`` of an idle server:
 from __future__ import annotations
 
 import http.client
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
-from _common import record, report, setup
+from _common import free_port, record, report, setup
 
 from llama_proc import LlamaServer
 from llama_proc.versions import flag_dialect
@@ -38,12 +37,6 @@ def raw_start(executable: str, argv: list[str], port: int) -> float:
     finally:
         proc.terminate()
         proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:

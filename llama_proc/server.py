@@ -424,14 +424,18 @@ class LlamaServer(Endpoints):
             self._stop_requested.clear()
             self._gave_up = None
             self._restart_times.clear()
-            self._starting = True
-            self._abort.clear()
-            try:
-                self._start_locked()
-            finally:
-                self._starting = False
-                self._pending = None
+            self._start_marked()
         emit(self._listeners, [ServerEvent(EventKind.START, self._label(), f"pid {self.pid} at {self.base_url}")])
+
+    def _start_marked(self) -> None:
+        # with the lock held: start, while calls from other threads see "starting" and stop() can abort
+        self._starting = True
+        self._abort.clear()
+        try:
+            self._start_locked()
+        finally:
+            self._starting = False
+            self._pending = None
 
     def _start_locked(self) -> None:
         model = self._args.model
@@ -698,13 +702,7 @@ class LlamaServer(Endpoints):
                         if old is not None:
                             old.stop(0)  # reap it and join its pumps
                             _owned_servers.discard(self)
-                        self._starting = True
-                        self._abort.clear()
-                        try:
-                            self._start_locked()
-                        finally:
-                            self._starting = False
-                            self._pending = None
+                        self._start_marked()
                 except LlamaProcError as exc:
                     _log.warning("restarting llama-server %s failed: %s", self._label(), exc)
                     continue
