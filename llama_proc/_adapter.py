@@ -16,6 +16,7 @@ from requests import RequestException
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
+from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import (
     ClosedPoolError,
@@ -38,8 +39,37 @@ _SOCKET_OPTIONS = [
 ]
 
 
+class _Connection(HTTPConnection):
+    """Sends a small request body in the same write as the headers: one segment on the wire instead
+    of two, which spares the server a wake-up and avoids delayed-ACK stalls on fresh connections."""
+
+    _coalesce = False
+    _held: bytes | None = None
+
+    def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any) -> None:
+        self._coalesce = isinstance(body, (bytes, bytearray)) and 0 < len(body) <= _COALESCE_LIMIT
+        try:
+            super().request(method, url, body=body, headers=headers, **kwargs)
+        finally:
+            self._coalesce = False
+            self._held = None
+
+    def send(self, data: Any) -> None:
+        if self._coalesce:
+            if self._held is None:
+                self._held = bytes(data)  # the header block: wait for the body
+                return
+            data, self._held, self._coalesce = self._held + bytes(data), None, False
+        super().send(data)
+
+
+_COALESCE_LIMIT = 256 * 1024
+
+
 class _Pool(HTTPConnectionPool):
     """A pool that drops connections marked as not reusable instead of keeping them."""
+
+    ConnectionCls = _Connection
 
     def _put_conn(self, conn: Any) -> None:
         if conn is not None and getattr(conn, "_llama_proc_discard", False):

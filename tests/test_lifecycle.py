@@ -263,3 +263,18 @@ def test_calls_during_start_are_not_ready_and_stop_aborts_start(fake_exe: Path, 
     assert len(failure) == 1 and isinstance(failure[0], StartupError)
     assert "stop() was called" in str(failure[0])
     assert not server.is_running()
+
+
+def test_a_small_request_goes_out_in_one_write(fake_exe: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with make(fake_exe, model) as server:
+        server.health()  # the connection is open
+        writes: list[int] = []
+        original = socket.socket.sendall
+
+        def counting(self: socket.socket, data: bytes, *args: object) -> None:
+            writes.append(len(data))
+            original(self, data, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(socket.socket, "sendall", counting)
+        assert server.chat_completions({"messages": [{"role": "user", "content": "x" * 1000}]})["choices"]
+        assert len(writes) == 1 and writes[0] > 1000  # headers and body together
