@@ -32,21 +32,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def per_call(fn: Callable[[], object], n: int, rounds: int = 7) -> float:
-    """Median over ``rounds`` of the mean seconds per call of ``n`` calls (after a warm-up)."""
-    for _ in range(max(10, n // 10)):
-        fn()
-    samples = []
+def compare(
+    ours: Callable[[], object], baseline: Callable[[], object], n: int, rounds: int = 15
+) -> tuple[float, float]:
+    """Seconds per call of each, measured in alternating rounds so that drift in the machine's speed
+    hits both alike; returns the median of each (the ratio of medians is what is reported)."""
+    for fn in (ours, baseline):
+        for _ in range(max(10, n // 10)):
+            fn()
+    a, b = [], []
     gc.disable()
     try:
         for _ in range(rounds):
-            t = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples.append((time.perf_counter() - t) / n)
+            for fn, out in ((ours, a), (baseline, b)):
+                t = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                out.append((time.perf_counter() - t) / n)
     finally:
         gc.enable()
-    return statistics.median(samples)
+    return statistics.median(a), statistics.median(b)
 
 
 def record(name: str, ours: float, baseline: float, unit: str, target: str, ok: bool) -> None:

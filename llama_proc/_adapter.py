@@ -220,16 +220,20 @@ def prepare(
     request = requests.PreparedRequest()
     request.method = method
     request.url = url
-    hdrs: CaseInsensitiveDict[str] = CaseInsensitiveDict(base_headers)
+    hdrs: Any
     if headers:
+        hdrs = CaseInsensitiveDict(base_headers)
         hdrs.update(headers)
         hdrs = CaseInsensitiveDict({k: v for k, v in hdrs.items() if v})
+    else:
+        hdrs = dict(base_headers)  # the usual case: canonical names only, a plain dict is enough
     if body is not None:
         if isinstance(body, (bytes, bytearray)):
             data = bytes(body)
         else:
             data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            hdrs.setdefault("Content-Type", "application/json")
+            if "Content-Type" not in hdrs:
+                hdrs["Content-Type"] = "application/json"
         hdrs["Content-Length"] = str(len(data))
         request.body = data
     elif method in ("POST", "PUT", "PATCH"):
