@@ -1,7 +1,7 @@
 """Platform facts: target triples, variants and executable names.
 
-Targets are named as Rust names them (``x86_64-unknown-linux-gnu``) so that the
-``bin/{target}/{variant}/`` layout matches the one users of the seed crate know.
+Targets are named as Rust names them (``x86_64-unknown-linux-gnu``), the names the
+``bin/{target}/{variant}/`` layout of llama.cpp server managers commonly uses.
 """
 
 from __future__ import annotations
