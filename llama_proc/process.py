@@ -43,6 +43,12 @@ _POSIX = os.name == "posix"
 
 def parse_log_line(line: str) -> tuple[int, str]:
     """Split a llama.cpp log line into (logging level, message); unknown lines are INFO."""
+    # the common shape, "0.00.103.858 I srv ...", without the regex (a verbose server logs a lot)
+    space = line.find(" ")
+    if space > 0 and line[space + 2 : space + 3] == " " and line[:space].replace(".", "").isdigit():
+        level = _LEVELS.get(line[space + 1])
+        if level is not None:
+            return level, line[space + 3 :]
     match = _LINE_RE.match(line)
     if match:
         return _LEVELS[match.group(1)], match.group(2)
@@ -141,12 +147,14 @@ class _Activity:
 
 def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None:
     extra = {"llama_pid": pid, "llama_stream": source}
+    event = activity.event
     try:
         for raw in iter(stream.readline, b""):
             line = raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
             activity.lines.append(line)
             activity.last = time.monotonic()
-            activity.event.set()
+            if not event.is_set():  # nobody clears it once the server is up: skip the lock
+                event.set()
             level, message = parse_log_line(line)
             if _server_log.isEnabledFor(level):
                 _server_log.log(level, "%s", message, extra=extra)
@@ -156,6 +164,21 @@ def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None
         if activity.eof_at is None:
             activity.eof_at = time.monotonic()
         activity.event.set()
+
+
+_F_SETPIPE_SZ = 1031  # Linux
+
+
+def _widen_pipe(stream: IO[bytes] | None) -> None:
+    """Give a log pipe 1 MiB of buffer (Linux): a burst of output never makes the server wait for us."""
+    if stream is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        import fcntl
+
+        fcntl.fcntl(stream.fileno(), _F_SETPIPE_SZ, 1 << 20)
+    except OSError:  # above /proc/sys/fs/pipe-max-size for unprivileged users: keep the default
+        pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -290,6 +313,8 @@ class ServerProcess:
             raise StartupError(f"cannot run {self.argv[0]}: {exc}") from exc
         self.started_at = time.monotonic()
         self._activity.last = self.started_at
+        for stream in (popen.stdout, popen.stderr):
+            _widen_pipe(stream)
         self._popen = popen
         self._owner = os.getpid()
         _guardian.register(popen.pid)
