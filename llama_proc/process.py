@@ -116,7 +116,8 @@ class _Guardian:
                 _log.debug("guardian write failed: %s", exc)
 
     def register(self, pgid: int) -> None:
-        self._send(b"+ %d\n" % pgid, create=True)
+        # with the start time, so the guardian never signals a group whose pid was reused since
+        self._send(b"+ %d %d\n" % (pgid, _registry.start_time(pgid) or 0), create=True)
 
     def unregister(self, pgid: int) -> None:
         self._send(b"- %d\n" % pgid, create=False)
@@ -205,12 +206,7 @@ def _terminate(popen: subprocess.Popen[bytes], pumps: Sequence[threading.Thread]
             _log.warning("pid %d did not stop within %.3g s of SIGTERM; killing it", popen.pid, timeout)
             _signal_group(popen, signal.SIGKILL if _POSIX else None)
             popen.wait()
-    elif _POSIX:
-        # The leader is gone; take down anything it left in its group.
-        try:
-            os.killpg(popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    # A process already reaped is not signalled again: its pid may belong to another process by now.
     for pump in pumps:
         if pump is not threading.current_thread():
             pump.join(5.0)

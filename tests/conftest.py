@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pytest
 
@@ -16,6 +16,8 @@ from llama_proc.errors import ExecutableNotFound
 from llama_proc.tiny_model import ensure_tiny_model
 
 pytest_plugins = ("pytester",)
+
+T = TypeVar("T")
 
 HERE = Path(__file__).resolve().parent
 FAKE_SERVER = HERE / "fake_llama_server.py"
@@ -107,6 +109,13 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+def proc_state(pid: int | None) -> str:
+    """The state letter of ``pid`` in /proc (R, S, T for stopped, Z, ...)."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        stat = fh.read()
+    return stat[stat.rindex(b")") + 2 :].split()[0].decode()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -159,3 +168,32 @@ def _guardian_fds() -> set[int]:
     if proc is None or proc.stdin is None or proc.stdin.closed:
         return set()
     return {proc.stdin.fileno()}
+
+
+def in_threads(work: Callable[[int], T], count: int, timeout: float = 120.0) -> list[T]:
+    """Run ``work(i)`` for i in range(count) in as many threads, released together by a barrier.
+
+    Returns the results in index order; the first exception a worker raised is re-raised here.
+    """
+    barrier = threading.Barrier(count)
+    results: list[T | None] = [None] * count
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = work(i)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"test-worker-{i}") for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(t.is_alive() for t in threads), f"workers still running after {timeout} s"
+    if errors:
+        first = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        raise first
+    return results  # type: ignore[return-value]

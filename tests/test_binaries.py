@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from llama_proc import binaries
 from llama_proc.errors import BuildError, ConfigError, ExecutableNotFound
 from llama_proc.platforms import current_target, default_variant, executable_name, resolve_variant
 
-from .conftest import wait_until
+from .conftest import in_threads, wait_until
 
 TARGET = current_target()
 
@@ -142,21 +141,7 @@ def test_build_installs_and_caches(cache: Path, tmp_path: Path) -> None:
 
 def test_concurrent_builds_build_once(cache: Path, tmp_path: Path) -> None:
     src = fake_source(tmp_path / "src")
-    results: list[bool] = []
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            results.append(binaries.build_from_source(src, "cpu", jobs=1).built)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors
+    results = in_threads(lambda i: binaries.build_from_source(src, "cpu", jobs=1).built, 6)
     assert sorted(results) == [False] * 5 + [True]
 
 

@@ -15,6 +15,8 @@ import requests
 from llama_proc import LlamaServerArgs, stop_all
 from llama_proc import manager as manager_mod
 
+from .conftest import in_threads
+
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -57,45 +59,26 @@ def sse_events(response: requests.Response) -> Iterator[tuple[float, str]]:
 
 
 def test_flask_32_concurrent_clients(flask_url: str) -> None:
-    errors: list[BaseException] = []
-    results: list[str] = []
-    lock = threading.Lock()
+    def client(i: int) -> str:
+        with requests.Session() as http:
+            http.trust_env = False
+            body = {"model": "tiny", "messages": [{"role": "user", "content": f"client {i}"}], "max_tokens": 8}
+            url = flask_url + "/v1/chat/completions"
+            if i % 2:
+                with http.post(url, json={**body, "stream": True}, stream=True, timeout=120) as r:
+                    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+                    events = [e for _, e in sse_events(r)]
+                assert events[-1] == "data: [DONE]"
+                chunks = [json.loads(e[6:]) for e in events[:-1]]
+                return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+            r = http.post(url, json=body, timeout=120)
+            assert r.status_code == 200
+            reply = r.json()
+            assert reply["usage"]["completion_tokens"] == 8
+            return str(reply["choices"][0]["message"]["content"])
 
-    def client(i: int) -> None:
-        try:
-            with requests.Session() as http:
-                http.trust_env = False
-                body = {"model": "tiny", "messages": [{"role": "user", "content": f"client {i}"}], "max_tokens": 8}
-                if i % 2:
-                    with http.post(
-                        flask_url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=120
-                    ) as r:
-                        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
-                        events = [e for _, e in sse_events(r)]
-                    assert events[-1] == "data: [DONE]"
-                    deltas = [
-                        json.loads(e[6:])["choices"][0]["delta"] for e in events[:-1] if json.loads(e[6:])["choices"]
-                    ]
-                    text = "".join(d.get("content") or "" for d in deltas)
-                else:
-                    r = http.post(flask_url + "/v1/chat/completions", json=body, timeout=120)
-                    assert r.status_code == 200
-                    reply = r.json()
-                    assert reply["usage"]["completion_tokens"] == 8
-                    text = reply["choices"][0]["message"]["content"]
-                assert isinstance(text, str) and text
-                with lock:
-                    results.append(text)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert not errors, errors[:3]
-    assert len(results) == 32
+    texts = in_threads(client, 32, timeout=180)
+    assert all(isinstance(text, str) and text for text in texts)
 
 
 def test_flask_streams_without_buffering(flask_url: str) -> None:
@@ -246,16 +229,7 @@ def test_gunicorn_patterns(pattern: str, tiny_model: Path, llama_exe: Path) -> N
     try:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-        results: list[int] = []
-        threads = [
-            threading.Thread(target=lambda: results.append(requests.post(url, json=body, timeout=60).status_code))
-            for _ in range(16)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(90)
-        assert results == [200] * 16
+        assert in_threads(lambda i: requests.post(url, json=body, timeout=60).status_code, 16, timeout=90) == [200] * 16
         servers = _llama_servers_under(proc.pid)
         if pattern == "server-per-worker":
             assert 1 <= len(servers) <= 2  # at most one per worker

@@ -36,6 +36,8 @@ from llama_proc.errors import (
     StartupTimeout,
 )
 
+from .conftest import proc_state, wait_until
+
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 
@@ -242,6 +244,7 @@ def test_22_server_frozen_during_a_call(llama_exe: Path, tiny_model: Path) -> No
     with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256), stop_timeout=1) as server:
         assert server.pid is not None
         os.kill(server.pid, signal.SIGSTOP)
+        assert wait_until(lambda: proc_state(server.pid) == "T", 5)  # the signal is delivered asynchronously
         try:
             with within(3), pytest.raises(APITimeoutError):
                 server.tokenize("x", timeout=(1.0, 1.0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from llama_proc import LlamaClient, LlamaServer, LlamaServerArgs, Server
 from llama_proc.errors import AuthenticationError, BadRequestError, NotFoundError, StartupError
 
-from .conftest import children_of, pid_alive
+from .conftest import children_of, in_threads, pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -74,27 +73,15 @@ def test_bad_request_and_unknown_endpoint(shared_server: LlamaServer) -> None:
 
 
 def test_32_threads_in_parallel(shared_server: LlamaServer) -> None:
-    errors: list[BaseException] = []
-    results: list[int] = []
-    lock = threading.Lock()
+    def work(i: int) -> int:
+        done = 0
+        for _ in range(3):
+            assert shared_server.tokenize(f"thread {i}")["tokens"]
+            assert shared_server.chat_completions({**CHAT, "max_tokens": 2})["usage"]["completion_tokens"] == 2
+            done += 1
+        return done
 
-    def work(i: int) -> None:
-        try:
-            for _ in range(3):
-                n = len(shared_server.tokenize(f"thread {i}")["tokens"])
-                reply = shared_server.chat_completions({**CHAT, "max_tokens": 2})
-                with lock:
-                    results.append(n + reply["usage"]["completion_tokens"])
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors[:3]
-    assert len(results) == 96
+    assert sum(in_threads(work, 32)) == 96
 
 
 def test_embeddings(llama_exe: Path, tiny_model: Path) -> None:

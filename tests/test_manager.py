@@ -14,7 +14,7 @@ import pytest
 from llama_proc import EventKind, LlamaServerArgs, ModelNotRegistered, ServerBusy, ServerEvent, ServerManager
 from llama_proc.errors import ConfigError
 
-from .conftest import pid_alive, wait_until
+from .conftest import in_threads, pid_alive, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -65,22 +65,7 @@ def manager_factory(llama_exe: Path, tiny_model: Path, recorder: Recorder) -> It
 
 def test_concurrent_requests_load_once(manager_factory, recorder: Recorder) -> None:  # type: ignore[no-untyped-def]
     manager = manager_factory(max_loaded=1)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(20)
-
-    def work() -> None:
-        try:
-            barrier.wait()
-            assert chat(manager, "a")["model"] == "a"
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors[:3]
+    assert in_threads(lambda i: chat(manager, "a")["model"], 20) == ["a"] * 20
     assert recorder.kinds("a").count(EventKind.LOAD) == 1
     assert manager.loaded() == ["a"]
 

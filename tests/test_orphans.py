@@ -151,3 +151,27 @@ def test_a_running_owners_servers_are_not_reaped(llama_exe: Path, tiny_model: Pa
         assert pid not in _registry.reap_stale()
         assert server.health()["status"] == "ok"
     assert not (_registry._run_dir() / f"{pid}.json").exists()  # the record goes with the server
+
+
+def test_guardian_never_signals_a_reused_pid() -> None:
+    from llama_proc import _registry
+    from llama_proc.process import __file__ as process_file
+
+    guardian_script = Path(process_file).with_name("_guardian.py")
+    mine = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        guardian = subprocess.Popen([sys.executable, "-I", "-S", str(guardian_script)], stdin=subprocess.PIPE)
+        assert guardian.stdin is not None
+        start = _registry.start_time(stranger.pid)
+        assert start is not None
+        guardian.stdin.write(b"+ %d %d\n" % (mine.pid, _registry.start_time(mine.pid) or 0))
+        guardian.stdin.write(b"+ %d %d\n" % (stranger.pid, start + 1))  # as if its pid had been reused
+        guardian.stdin.close()  # the owner "dies"
+        guardian.wait(15)
+        assert wait_until(lambda: mine.poll() is not None, 5), "the registered group was not stopped"
+        assert stranger.poll() is None, "a process whose start time differs was signalled"
+    finally:
+        for proc in (mine, stranger):
+            proc.kill()
+            proc.wait()

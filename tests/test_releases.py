@@ -15,6 +15,7 @@ from llama_proc import binaries, releases
 from llama_proc.errors import ChecksumMismatch, ConfigError, DownloadError
 from llama_proc.platforms import current_target
 
+from .conftest import in_threads
 from .fake_releases import FakeReleases, release_members, tar_archive, zip_archive
 
 TAG = "b11434"
@@ -239,24 +240,10 @@ def test_zip_release(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_twenty_concurrent_installers_one_download(env: Path) -> None:
-    results: list[bool] = []
-    errors: list[BaseException] = []
     with FakeReleases(TAG) as fake:
         name = _serve_release(fake)
-
-        def work() -> None:
-            try:
-                results.append(binaries.install_prebuilt("cpu", base_url=fake.url).built)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work) for _ in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        results = in_threads(lambda i: binaries.install_prebuilt("cpu", base_url=fake.url).built, 20, timeout=60)
         assert fake.downloads(name) == 1
-    assert not errors, errors[:2]
     assert sorted(results) == [False] * 19 + [True]
 
 

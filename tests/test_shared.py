@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +14,7 @@ import llama_proc
 from llama_proc import LlamaServer, LlamaServerArgs, SharedServerConflict, shared_server, stop_all
 from llama_proc import manager as manager_mod
 
-from .conftest import children_of, pid_alive, wait_until
+from .conftest import children_of, in_threads, pid_alive, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,25 +45,13 @@ def llama_children() -> list[int]:
 
 def test_fifty_threads_start_exactly_one_server(llama_exe: Path, args: LlamaServerArgs) -> None:
     before = set(llama_children())
-    servers: list[LlamaServer] = []
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(50)
 
-    def work() -> None:
-        try:
-            barrier.wait()
-            server = shared_server(args, llama_exe)
-            assert server.models()["data"][0]["id"] == "shared"  # first use starts it
-            servers.append(server)
-        except BaseException as exc:
-            errors.append(exc)
+    def work(i: int) -> LlamaServer:
+        server = shared_server(args, llama_exe)
+        assert server.models()["data"][0]["id"] == "shared"  # first use starts it
+        return server
 
-    threads = [threading.Thread(target=work) for _ in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors[:3]
+    servers = in_threads(work, 50)
     assert len({id(s) for s in servers}) == 1
     assert len(set(llama_children()) - before) == 1
     assert shared_server(args, llama_exe) is servers[0]

@@ -11,7 +11,7 @@ import pytest
 
 from llama_proc import LlamaServer, LlamaServerArgs
 
-from .conftest import children_of, open_fds
+from .conftest import children_of, in_threads, open_fds
 
 pytestmark = pytest.mark.integration
 
@@ -43,37 +43,22 @@ def test_200_start_stop_cycles_leak_nothing(llama_exe: Path, tiny_model: Path) -
 
 
 def test_32_threads_x_100_mixed_requests(shared_server: LlamaServer) -> None:
-    errors: list[BaseException] = []
-    done = [0]
-    lock = threading.Lock()
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
-    def work(i: int) -> None:
-        try:
-            for j in range(100):
-                kind = (i + j) % 4
-                if kind == 0:
-                    assert shared_server.tokenize(f"t{i}-{j}")["tokens"]
-                elif kind == 1:
-                    reply = shared_server.chat_completions(
-                        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-                    )
-                    assert reply["usage"]["completion_tokens"] == 2
-                elif kind == 2:
-                    with shared_server.chat_completions(
-                        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
-                    ) as s:
-                        assert sum(1 for _ in s) >= 2
-                else:
-                    assert shared_server.health()["status"] == "ok"
-                with lock:
-                    done[0] += 1
-        except BaseException as exc:
-            errors.append(exc)
+    def work(i: int) -> int:
+        done = 0
+        for j in range(100):
+            kind = (i + j) % 4
+            if kind == 0:
+                assert shared_server.tokenize(f"t{i}-{j}")["tokens"]
+            elif kind == 1:
+                assert shared_server.chat_completions(chat)["usage"]["completion_tokens"] == 2
+            elif kind == 2:
+                with shared_server.chat_completions({**chat, "stream": True}) as stream:
+                    assert sum(1 for _ in stream) >= 2
+            else:
+                assert shared_server.health()["status"] == "ok"
+            done += 1
+        return done
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    assert not errors, errors[:3]
-    assert done[0] == 3200
+    assert sum(in_threads(work, 32, timeout=600)) == 3200

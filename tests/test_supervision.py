@@ -13,7 +13,7 @@ import pytest
 from llama_proc import EventKind, LlamaServer, LlamaServerArgs, RestartPolicy, ServerEvent
 from llama_proc.errors import APITimeoutError, ServerNotReady, ServerNotRunning
 
-from .conftest import pid_alive, wait_until
+from .conftest import pid_alive, proc_state, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -134,6 +134,7 @@ def test_hung_server_is_killed_and_restarted(fake_exe: Path, model: Path) -> Non
         pid = server.pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)  # answers nothing, like a wedged server
+        assert wait_until(lambda: proc_state(pid) == "T", 5)
         with pytest.raises(APITimeoutError):
             server.chat_completions({"messages": []}, timeout=(1.0, 0.5))
         assert wait_until(lambda: EventKind.RESTART in events.kinds(), 10)
