@@ -275,6 +275,7 @@ class ServerProcess:
         self._exit_code: int | None = None
         self._stopped = False
         self._stop_asked_at: float | None = None
+        self._dead_before_stop = False
         self._owner = 0
         self.started_at: float | None = None
 
@@ -363,8 +364,21 @@ class ServerProcess:
     @property
     def exited_on_its_own(self) -> bool:
         """True when the process ended before anyone asked it to stop (a crash, or a kill from outside)."""
-        eof = self._activity.eof_at
-        return eof is not None and (self._stop_asked_at is None or eof < self._stop_asked_at)
+        if self._stop_asked_at is not None:
+            return self._dead_before_stop
+        return self._activity.eof_at is not None
+
+    def _already_exited(self) -> bool:
+        # asked without reaping and without Popen's lock (a watcher thread may hold it in wait())
+        popen = self._popen
+        if popen is None or popen.returncode is not None:
+            return popen is not None
+        if not hasattr(os, "waitid"):  # pragma: no cover - platforms without waitid
+            return popen.poll() is not None
+        try:
+            return os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
 
     @property
     def last_activity(self) -> float:
@@ -412,6 +426,7 @@ class ServerProcess:
                 return self._exit_code
             if self._stop_asked_at is None:
                 self._stop_asked_at = time.monotonic()
+                self._dead_before_stop = self._already_exited()
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._finalizer = None
