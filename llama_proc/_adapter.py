@@ -79,8 +79,9 @@ class _Pool(HTTPConnectionPool):
 
 
 class Adapter(HTTPAdapter):
-    """An adapter for exactly one plain-HTTP server: the per-call work of the general adapter
-    (URL parsing to pick a pool, proxy and TLS checks, cookie extraction) is done once or not at all."""
+    """An adapter for exactly one plain-HTTP server: :meth:`send` goes straight to the one pool, so
+    the per-call work of the general adapter (URL parsing to pick a pool, proxy and TLS checks,
+    cookie extraction) is done once or not at all."""
 
     def __init__(self, base_url: str, pool_maxsize: int, max_retries: Retry) -> None:
         super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=max_retries)
@@ -95,15 +96,6 @@ class Adapter(HTTPAdapter):
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
         pool_kwargs.setdefault("socket_options", _SOCKET_OPTIONS)
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
-
-    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None, cert: Any = None) -> Any:
-        return self._pool
-
-    def cert_verify(self, conn: Any, url: Any, verify: Any, cert: Any) -> None:
-        return None  # plain HTTP on a local address: nothing to verify
-
-    def request_url(self, request: Any, proxies: Any) -> str:
-        return str(request.path_url)
 
     def send(
         self,
