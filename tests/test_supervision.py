@@ -36,6 +36,15 @@ def model(tmp_path: Path) -> Path:
     return path
 
 
+def kill_and_see_crash(server: LlamaServer, events: Events) -> int:
+    """SIGKILL the server's process and wait for the CRASH event; returns the killed pid."""
+    pid = server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: EventKind.CRASH in events.kinds(), 10)
+    return pid
+
+
 def make(
     fake_exe: Path, model: Path, events: Events, policy: RestartPolicy | None, modes: str = "", **env: str
 ) -> LlamaServer:
@@ -96,10 +105,7 @@ def test_calls_wait_for_the_restart(fake_exe: Path, model: Path) -> None:
     server = make(fake_exe, model, events, policy, "slow-load", FAKE_LOAD_SECONDS="0.8")
     server.start()
     try:
-        pid = server.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        assert wait_until(lambda: EventKind.CRASH in events.kinds(), 10)
+        kill_and_see_crash(server, events)
         t = time.monotonic()
         assert server.health() == {"status": "ok"}  # waited for the restart instead of failing
         assert time.monotonic() - t >= 0.5
@@ -113,10 +119,7 @@ def test_calls_during_a_long_restart_get_not_ready(fake_exe: Path, model: Path) 
     server = make(fake_exe, model, events, policy, "slow-load", FAKE_LOAD_SECONDS="3")
     server.start()
     try:
-        pid = server.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        assert wait_until(lambda: EventKind.CRASH in events.kinds(), 10)
+        kill_and_see_crash(server, events)
         t = time.monotonic()
         with pytest.raises(ServerNotReady) as info:
             server.health()
@@ -149,10 +152,7 @@ def test_stop_during_backoff_ends_supervision(fake_exe: Path, model: Path) -> No
     events = Events()
     server = make(fake_exe, model, events, RestartPolicy(backoff=5.0))
     server.start()
-    pid = server.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: EventKind.CRASH in events.kinds(), 10)
+    kill_and_see_crash(server, events)
     t = time.monotonic()
     server.stop()
     assert time.monotonic() - t < 2
