@@ -28,8 +28,10 @@ from urllib3.exceptions import (
 )
 from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout as Urllib3Timeout
+from urllib3.util.url import parse_url
 
 from ._version import __version__
+from ._wire import WirePool, WireResponse, encode_head
 
 __all__ = ["Adapter", "RequestException", "new_session", "prepare"]
 
@@ -87,11 +89,19 @@ class Adapter(HTTPAdapter):
         super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=max_retries)
         self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme, "http": _Pool}
         self._pool = self.poolmanager.connection_from_url(base_url)
+        url = parse_url(base_url)
+        if url.scheme != "http" or not url.host:
+            raise ValueError(f"not a plain-HTTP base URL: {base_url!r}")
+        retries = max_retries.connect if max_retries.connect is not None else max_retries.total
+        self._wire = WirePool(
+            url.host.strip("[]"), url.port or 80, pool_maxsize, int(retries or 0), max_retries.backoff_factor
+        )
 
     def close(self) -> None:
-        """Close the pool's idle connections now (clearing a PoolManager only forgets its pools)."""
+        """Close the pools' idle connections now (clearing a PoolManager only forgets its pools)."""
         super().close()
         self._pool.close()
+        self._wire.close()
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
         pool_kwargs.setdefault("socket_options", _SOCKET_OPTIONS)
@@ -106,11 +116,65 @@ class Adapter(HTTPAdapter):
         cert: Any = None,
         proxies: Any = None,
     ) -> requests.Response:
-        """The general adapter's send, less what a single local plain-HTTP server never needs; a
-        non-streamed body is read in one go. (Where ``HTTPAdapter.send`` has been replaced, for
-        example by the ``responses`` mocking library, that replacement is used.)"""
+        """Send over the lean transport of :mod:`llama_proc._wire`; a non-streamed body is read in
+        one go. A body that is not bytes (a file, a generator) goes through urllib3 instead, and
+        where ``HTTPAdapter.send`` has been replaced (for example by the ``responses`` mocking
+        library) that replacement is used."""
         if HTTPAdapter.send is not _BASE_SEND:
             return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+        body = request.body
+        if body is not None and not isinstance(body, bytes):
+            return self._send_urllib3(request, stream, timeout)
+        method = request.method or "GET"
+        target = getattr(request, "_llama_proc_target", None) or request.path_url
+        head = encode_head(method, target, self._wire.host_header, request.headers)  # ValueError: caller's mistake
+        data = head + body if body else head
+        connect_timeout, read_timeout = _timeout_pair(timeout)
+        url = request.url or ""
+        retry_stale = method in _IDEMPOTENT
+        while True:
+            try:
+                conn, reused = self._wire.get(connect_timeout)
+            except TimeoutError as exc:
+                raise requests.exceptions.ConnectTimeout(exc, request=request) from None
+            except (OSError, ClosedPoolError) as exc:
+                raise requests.exceptions.ConnectionError(exc, request=request) from None
+            try:
+                conn.set_timeout(read_timeout)
+                conn.sock.sendall(data)
+                raw = WireResponse(self._wire, conn, method, url, read_timeout)
+                content = None if stream else raw.read_all()
+                break
+            except TimeoutError:
+                conn.close()
+                raise requests.exceptions.ReadTimeout(
+                    f"Read timed out. (read timeout={read_timeout})", request=request
+                ) from None
+            except (ProtocolError, OSError) as exc:
+                conn.close()
+                # a reused connection the server closed just as the request went out: an
+                # idempotent request is sent once more on a fresh connection
+                if reused and retry_stale and _never_answered(exc):
+                    retry_stale = False
+                    continue
+                if isinstance(exc, OSError):
+                    exc = ProtocolError("Connection aborted.", exc)
+                raise requests.exceptions.ConnectionError(exc, request=request) from None
+        response = requests.Response()
+        response.status_code = raw.status
+        response.headers = CaseInsensitiveDict(raw.headers)
+        response.encoding = get_encoding_from_headers(response.headers)
+        response.raw = raw
+        response.reason = raw.reason
+        response.url = url
+        response.request = request
+        response.connection = self
+        if content is not None:
+            response._content = content
+            response._content_consumed = True  # type: ignore[attr-defined]
+        return response
+
+    def _send_urllib3(self, request: requests.PreparedRequest, stream: bool, timeout: Any) -> requests.Response:
         try:
             raw = self._pool.urlopen(
                 method=request.method,
@@ -134,11 +198,9 @@ class Adapter(HTTPAdapter):
         except (ProtocolError, ClosedPoolError, OSError) as exc:
             raise requests.exceptions.ConnectionError(exc, request=request) from None
         if stream:
-            # llama-server closes the connection after a streamed answer: never offer it for reuse,
-            # or the next request could be written into a socket the server is closing
             connection = getattr(raw, "_connection", None)
             if connection is not None:
-                connection._llama_proc_discard = True
+                connection._llama_proc_discard = True  # see WireResponse: streams are not reused
         response = self.build_response(request, raw)
         if not stream:
             response._content = raw.data
@@ -156,6 +218,23 @@ class Adapter(HTTPAdapter):
         response.request = req
         response.connection = self
         return response
+
+
+_IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS"))
+
+
+def _never_answered(exc: BaseException) -> bool:
+    """True for a failure that shows the server read nothing of the request: the connection was
+    reset or closed before a single byte of an answer."""
+    if isinstance(exc, ProtocolError):
+        return exc.args[:1] == ("Connection aborted.",)
+    return isinstance(exc, (ConnectionResetError, BrokenPipeError))
+
+
+def _timeout_pair(timeout: Any) -> tuple[float | None, float | None]:
+    if isinstance(timeout, tuple):
+        return timeout[0], timeout[1]
+    return timeout, timeout
 
 
 _BASE_SEND = HTTPAdapter.send
@@ -206,12 +285,19 @@ def new_session(
 
 
 def prepare(
-    url: str, method: str, base_headers: Mapping[str, str], body: Any, headers: Mapping[str, str] | None
+    base_url: str,
+    target: str,
+    method: str,
+    base_headers: Mapping[str, str],
+    body: Any,
+    headers: Mapping[str, str] | None,
 ) -> requests.PreparedRequest:
-    """A PreparedRequest built directly: JSON bodies encoded once, an empty header value removes it."""
+    """A PreparedRequest for ``base_url + target`` built directly: JSON bodies encoded once, an
+    empty header value removes it."""
     request = requests.PreparedRequest()
     request.method = method
-    request.url = url
+    request.url = base_url + target
+    request._llama_proc_target = target  # type: ignore[attr-defined]  # spares parsing the URL again
     hdrs: Any
     if headers:
         hdrs = CaseInsensitiveDict(base_headers)

@@ -234,7 +234,7 @@ class LlamaClient(Endpoints):
     def _prepare(
         self, method: str, path: str, body: Any, headers: Mapping[str, str] | None
     ) -> requests.PreparedRequest:
-        return self._http_layer.prepare(self.base_url + path, method, self._headers, body, headers)
+        return self._http_layer.prepare(self.base_url, path, method, self._headers, body, headers)
 
     def _send_raw(
         self,
