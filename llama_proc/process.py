@@ -140,25 +140,89 @@ class _Activity:
     """What the pumps share with the process object: the ring buffer and a progress signal."""
 
     def __init__(self, lines: int) -> None:
-        self.lines: deque[str] = deque(maxlen=lines)
+        self.lines: deque[bytes] = deque(maxlen=lines)
         self.last = time.monotonic()
         self.event = threading.Event()
         self.eof_at: float | None = None  # when the first output pipe closed: the process ended
+        self.batched = False  # set once the server is up: see ServerProcess.batch_output
+        self.hurry = threading.Event()  # set when the process is being stopped: no more batching
+
+
+#: Bytes read from a pipe at once; a read that fills it means more is waiting.
+_READ_SIZE = 64 * 1024
+#: Once batched, a pump waits this long after each read so that output gathers in the pipe.
+_BATCH_INTERVAL = 0.02
+
+
+def _severe_lines(batch: bytes) -> list[bytes]:
+    """The lines of ``batch`` that may be warnings or errors (a ``W`` or ``E`` standing alone after
+    a space or at a line's start), in order. A verbose server's batches hold hundreds of lines and
+    hardly ever one of these, so the letters are found with ``find`` (memchr) instead of splitting
+    every line; each line found is checked again by :func:`parse_log_line`."""
+    starts: set[int] = set()
+    last = len(batch) - 1
+    for letter in (b"W", b"E"):
+        at = batch.find(letter)
+        while at >= 0:
+            if at < last and batch[at + 1] == 32 and (at == 0 or batch[at - 1] in (10, 32)):
+                starts.add(batch.rfind(b"\n", 0, at) + 1)
+            at = batch.find(letter, at + 1)
+    found = []
+    for line_start in sorted(starts):
+        line_end = batch.find(b"\n", line_start)
+        found.append(batch[line_start : line_end if line_end >= 0 else len(batch)])
+    return found
+
+
+def _decode(raw: bytes) -> str:
+    return raw.rstrip(b"\r").decode("utf-8", errors="replace")
 
 
 def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None:
     extra = {"llama_pid": pid, "llama_stream": source}
     event = activity.event
+    lines = activity.lines
+    keep = lines.maxlen or 0
+    read = stream.read1  # type: ignore[attr-defined]
+    pending = b""
+
+    def log(raw: bytes) -> None:
+        level, message = parse_log_line(_decode(raw))
+        if _server_log.isEnabledFor(level):
+            _server_log.log(level, "%s", message, extra=extra)
+
     try:
-        for raw in iter(stream.readline, b""):
-            line = raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
-            activity.lines.append(line)
+        while True:
+            data = read(_READ_SIZE)
+            if not data:
+                break
+            end = data.rfind(b"\n")
+            if end < 0:
+                pending += data
+                if len(pending) > _READ_SIZE:  # no line end in sight: take what there is as one line
+                    log(pending)
+                    lines.append(pending)
+                    pending = b""
+                continue
+            batch, pending = pending + data[:end], data[end + 1 :]
+            if _server_log.isEnabledFor(logging.INFO):
+                for raw in batch.split(b"\n"):
+                    log(raw)
+            else:  # the usual case: only warnings and errors are logged
+                for raw in _severe_lines(batch):
+                    log(raw)
+            # the tail keeps the last lines only, as bytes: decoded when someone asks for them
+            lines.extend(batch.rsplit(b"\n", keep)[-keep:] if keep else ())
             activity.last = time.monotonic()
             if not event.is_set():  # nobody clears it once the server is up: skip the lock
                 event.set()
-            level, message = parse_log_line(line)
-            if _server_log.isEnabledFor(level):
-                _server_log.log(level, "%s", message, extra=extra)
+            if activity.batched and len(data) < _READ_SIZE:
+                # a busy server logs thousands of lines a second: waking for each one would take
+                # CPU from the server itself, so let them gather in the (1 MiB) pipe a moment
+                activity.hurry.wait(_BATCH_INTERVAL)
+        if pending:
+            log(pending)
+            lines.append(pending)
     except (OSError, ValueError):  # the stream was closed under us during shutdown
         pass
     finally:
@@ -196,7 +260,9 @@ def _pid_alive(pid: int) -> bool:
 # killing: the one place that stops processes
 
 
-def _terminate(popen: subprocess.Popen[bytes], pumps: Sequence[threading.Thread], timeout: float) -> int:
+def _terminate(
+    popen: subprocess.Popen[bytes], pumps: Sequence[threading.Thread], timeout: float, hurry: threading.Event
+) -> int:
     """SIGTERM the process group, wait ``timeout``, SIGKILL; join the pumps; return the exit code."""
     if popen.poll() is None:
         _signal_group(popen, signal.SIGTERM if _POSIX else None)
@@ -207,6 +273,7 @@ def _terminate(popen: subprocess.Popen[bytes], pumps: Sequence[threading.Thread]
             _signal_group(popen, signal.SIGKILL if _POSIX else None)
             popen.wait()
     # A process already reaped is not signalled again: its pid may belong to another process by now.
+    hurry.set()  # batching pumps read the last output and the end of the pipes at once
     for pump in pumps:
         if pump is not threading.current_thread():
             pump.join(5.0)
@@ -231,13 +298,19 @@ def _signal_group(popen: subprocess.Popen[bytes], sig: int | None) -> None:
         pass
 
 
-def _finalize(popen: subprocess.Popen[bytes], pumps: Sequence[threading.Thread], owner: int, timeout: float) -> None:
+def _finalize(
+    popen: subprocess.Popen[bytes],
+    pumps: Sequence[threading.Thread],
+    owner: int,
+    timeout: float,
+    hurry: threading.Event,
+) -> None:
     # Runs at garbage collection or interpreter exit; must never raise, and a forked child that
     # inherited this object must not touch its parent's process.
     if os.getpid() != owner:
         return
     try:
-        _terminate(popen, pumps, timeout)
+        _terminate(popen, pumps, timeout, hurry)
     except Exception:  # pragma: no cover - best effort
         pass
 
@@ -327,7 +400,9 @@ class ServerProcess:
             )
             thread.start()
             self._pumps.append(thread)
-        self._finalizer = weakref.finalize(self, _finalize, popen, tuple(self._pumps), os.getpid(), self._stop_timeout)
+        self._finalizer = weakref.finalize(
+            self, _finalize, popen, tuple(self._pumps), os.getpid(), self._stop_timeout, self._activity.hurry
+        )
 
     # -- state --------------------------------------------------------------------------------
 
@@ -391,9 +466,16 @@ class ServerProcess:
         self._activity.event.clear()
         return fired
 
+    def batch_output(self) -> None:
+        """Let the log pumps read output in batches from now on: after each read they wait up to
+        20 ms for more to gather in the pipe, so a server that logs thousands of lines a second
+        does not wake them (and lose CPU to them) for each line. Meant for once the server is up,
+        where a line's latency matters less than the server's speed; :meth:`stop` ends the wait."""
+        self._activity.batched = True
+
     def log_tail(self, n: int = 20) -> list[str]:
         """The last ``n`` lines the child printed (stdout and stderr interleaved)."""
-        lines = list(self._activity.lines)
+        lines = [_decode(raw) for raw in list(self._activity.lines)]
         return lines[-n:] if n > 0 else []
 
     @property
@@ -432,7 +514,7 @@ class ServerProcess:
                 self._finalizer = None
             try:
                 self._exit_code = _terminate(
-                    self._popen, self._pumps, self._stop_timeout if timeout is None else timeout
+                    self._popen, self._pumps, self._stop_timeout if timeout is None else timeout, self._activity.hurry
                 )
                 self._stopped = True
                 return self._exit_code

@@ -483,6 +483,7 @@ class LlamaServer(Endpoints):
             except BaseException:
                 proc.stop(self._stop_timeout)
                 raise
+            proc.batch_output()  # up: from now on the server's speed matters more than a log line's latency
             self._proc = proc
             _owned_servers.add(self)
             self._running_args = args
