@@ -31,7 +31,7 @@ from urllib3.util.timeout import Timeout as Urllib3Timeout
 from urllib3.util.url import parse_url
 
 from ._version import __version__
-from ._wire import WirePool, WireResponse, encode_head
+from ._wire import ProbeTimeout, WirePool, WireResponse, encode_head
 
 __all__ = ["Adapter", "RequestException", "new_session", "prepare"]
 
@@ -97,6 +97,15 @@ class Adapter(HTTPAdapter):
             url.host.strip("[]"), url.port or 80, pool_maxsize, int(retries or 0), max_retries.backoff_factor
         )
 
+    @property
+    def probe_path(self) -> str | None:
+        """The path a new connection is probed with (see :class:`~llama_proc.LlamaClient`)."""
+        return self._wire.probe_path
+
+    @probe_path.setter
+    def probe_path(self, path: str | None) -> None:
+        self._wire.probe_path = path
+
     def close(self) -> None:
         """Close the pools' idle connections now (clearing a PoolManager only forgets its pools)."""
         super().close()
@@ -134,7 +143,9 @@ class Adapter(HTTPAdapter):
         retry_stale = method in _IDEMPOTENT
         while True:
             try:
-                conn, reused = self._wire.get(connect_timeout)
+                conn, reused = self._wire.get(connect_timeout, not stream, read_timeout)
+            except ProbeTimeout as exc:
+                raise requests.exceptions.ReadTimeout(f"Read timed out. ({exc})", request=request) from None
             except TimeoutError as exc:
                 raise requests.exceptions.ConnectTimeout(exc, request=request) from None
             except (OSError, ClosedPoolError) as exc:

@@ -19,12 +19,13 @@ import http.client
 import re
 import select
 import socket
+import threading
 import time
 from typing import Iterator, Mapping
 
 from urllib3.exceptions import ClosedPoolError, ProtocolError, ReadTimeoutError
 
-__all__ = ["WireConnection", "WirePool", "WireResponse", "encode_head"]
+__all__ = ["ProbeTimeout", "WireConnection", "WirePool", "WireResponse", "encode_head"]
 
 #: Longest status line plus header block accepted from a server.
 MAX_HEAD = 64 * 1024
@@ -33,13 +34,25 @@ _RECV = 65536
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _BAD_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _NO_BODY_STATUS = (204, 304)
+#: Seconds a new connection has to answer its probe before another one is tried.
+PROBE_WAIT = 0.5
+_PROBE_ATTEMPTS = 3
+_SPARE_CONNECT_TIMEOUT = 1.0
+
+
+class ProbeTimeout(TimeoutError):
+    """New connections were probed for the whole read timeout and none was answered."""
+
+
+class _NotBuffered(Exception):
+    """The rest of an answer has not arrived yet (see WireResponse.close)."""
 
 
 class WireConnection:
     """One TCP connection: a socket, the bytes read ahead of what was consumed, and a poller that
     tells, while idle, whether the server has closed it."""
 
-    __slots__ = ("_buffer", "_poll", "_timeout", "sock")
+    __slots__ = ("_buffer", "_poll", "_timeout", "buffered_only", "served", "sock")
 
     def __init__(self, address: tuple[str, int], connect_timeout: float | None) -> None:
         sock = socket.create_connection(address, connect_timeout)
@@ -54,6 +67,10 @@ class WireConnection:
         self.sock = sock
         self._timeout = connect_timeout
         self._buffer = b""
+        #: True once the server has answered on this connection.
+        self.served = False
+        #: While True, reading past the buffered bytes raises _NotBuffered instead of waiting.
+        self.buffered_only = False
 
     def is_dropped(self) -> bool:
         """True when an idle connection cannot carry a request: the server closed it (or sent
@@ -75,6 +92,8 @@ class WireConnection:
     def _fill(self, started: bool = True) -> None:
         """Read what the server sent next into the buffer; at end of input, ``started`` tells a
         broken answer from one that never began."""
+        if self.buffered_only:
+            raise _NotBuffered
         data = self.sock.recv(_RECV)
         if data:
             self._buffer += data
@@ -223,6 +242,7 @@ class WireResponse:
         self._done = False
         self._pending = b""
         self._pieces: Iterator[bytes] | None = None
+        self._streamed = False
         length = self.headers.get("content-length")
         if method == "HEAD" or self.status in _NO_BODY_STATUS:
             self._body: Iterator[bytes] | None = None
@@ -231,6 +251,7 @@ class WireResponse:
             # llama-server closes the connection after a chunked (streamed) answer: never reuse it,
             # or the next request could be written into a socket the server is closing
             self._reusable = False
+            self._streamed = True
             self._body, self._length = conn.iter_chunked(), None
         elif length is not None and length.isdigit():
             self._length = int(length)
@@ -299,11 +320,11 @@ class WireResponse:
         try:
             yield from body
         except TimeoutError:
-            self.close()
+            self._drop()
             message = f"Read timed out. (read timeout={self._read_timeout})"
             raise ReadTimeoutError(None, self.url, message) from None  # type: ignore[arg-type]
         except BaseException:
-            self.close()
+            self._drop()
             raise
         self._finish()
 
@@ -319,12 +340,32 @@ class WireResponse:
             return
         self._conn = self._pool = None
         if self._done and self._reusable:
+            conn.served = True
             pool.put(conn)
         else:
             conn.close()
+            if self._done and self._streamed:
+                pool.replenish()
 
     def close(self) -> None:
-        """Drop the connection; an unread rest of the body is discarded."""
+        """Drop the connection; an unread rest of the body is discarded.
+
+        A stream's reader stops at its last event (``data: [DONE]``), usually with the chunked
+        body's end already in the buffer: that is read first, so the stream counts as finished
+        (and a spare connection is opened for the next one)."""
+        conn = self._conn
+        if conn is not None and self._streamed and not self._done:
+            conn.buffered_only = True
+            try:
+                for _ in self._piece_iterator():
+                    break  # more data: the stream was abandoned, not finished
+            except _NotBuffered:
+                pass
+            finally:
+                conn.buffered_only = False
+        self._drop()
+
+    def _drop(self) -> None:
         conn = self._conn
         self._conn = self._pool = None
         if conn is not None:
@@ -351,32 +392,101 @@ class WirePool:
         self.backoff = backoff
         self._idle: collections.deque[WireConnection] = collections.deque()
         self._closed = False
+        self._connect_lock = threading.Lock()
+        #: A path to GET on a new connection before its first request, or None (see :meth:`_served`).
+        self.probe_path: str | None = None
 
-    def get(self, connect_timeout: float | None) -> tuple[WireConnection, bool]:
+    def get(
+        self, connect_timeout: float | None, probe: bool = False, read_timeout: float | None = None
+    ) -> tuple[WireConnection, bool]:
         """A live idle connection, or a new one; and whether it was reused. Connection attempts
-        that fail are retried ``connect_retries`` times (the last error is raised)."""
+        that fail are retried ``connect_retries`` times (the last error is raised). With ``probe``
+        and a :attr:`probe_path`, a new connection is first shown to be served (see :meth:`_served`);
+        probes that go unanswered for ``read_timeout`` in all raise :class:`ProbeTimeout`."""
         if self._closed:
             raise ClosedPoolError(None, "the client is closed")  # type: ignore[arg-type]
+        probing = bool(probe and self.probe_path)
+        conn = self._pop_idle()
+        if conn is not None and (conn.served or not probing):
+            return conn, True
+        if conn is not None:
+            self._idle.append(conn)  # a spare opened after a stream: probed below like a new one
+        if not probing:
+            return self._connect(connect_timeout), False
+        # One new connection at a time, each until the server has shown it serves it: a burst of
+        # connections is what can leave one of them unserved (see _served).
+        deadline = None if read_timeout is None else time.monotonic() + read_timeout
+        with self._connect_lock:
+            for _ in range(_PROBE_ATTEMPTS):
+                conn = self._pop_idle()  # one may have come back while this thread waited
+                if conn is not None and conn.served:
+                    return conn, True
+                reused = conn is not None
+                if conn is None:
+                    conn = self._connect(connect_timeout)
+                wait = PROBE_WAIT if deadline is None else min(PROBE_WAIT, deadline - time.monotonic())
+                if wait > 0 and self._served(conn, wait):
+                    conn.served = True
+                    return conn, reused
+                conn.close()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise ProbeTimeout(f"no answer to GET {self.probe_path} within the read timeout")
+        return self._connect(connect_timeout), False  # the server answers nothing quickly: just send
+
+    def _pop_idle(self) -> WireConnection | None:
         idle = self._idle
         while idle:
             try:
                 conn = idle.pop()
             except IndexError:
                 break
-            if conn.is_dropped():
-                conn.close()
-                continue
-            return conn, True
+            if not conn.is_dropped():
+                return conn
+            conn.close()
+        return None
+
+    def _connect(self, connect_timeout: float | None) -> WireConnection:
         attempt = 0
         while True:
             try:
-                return WireConnection(self.address, connect_timeout), False
+                return WireConnection(self.address, connect_timeout)
             except OSError:
                 if attempt >= self.connect_retries:
                     raise
                 if attempt:
                     time.sleep(self.backoff * 2 ** (attempt - 1))
                 attempt += 1
+
+    def _served(self, conn: WireConnection, wait: float) -> bool:
+        """Whether the server answers ``GET probe_path`` on ``conn`` within ``wait`` seconds.
+
+        llama-server's HTTP thread pool can miss that it must start a thread when connections
+        arrive in a burst; such a connection then waits, unread, until another connection ends,
+        which for an idle keep-alive connection is its 5 s timeout. A request sent on it would
+        stall that long, and could not be resent elsewhere without risking running it twice. A
+        probe can: a connection that does not answer it is closed before anything else is sent."""
+        head = encode_head("GET", self.probe_path or "/", self.host_header, {})
+        try:
+            conn.set_timeout(wait)
+            conn.sock.sendall(head)
+            _status, _reason, headers, http11 = conn.read_head()
+            conn.read_exact(int(headers.get("content-length", "0") or 0))
+        except (OSError, ProtocolError, ValueError):
+            return False
+        connection = headers.get("connection", "").lower()
+        return ("close" not in connection) if http11 else ("keep-alive" in connection)
+
+    def replenish(self) -> None:
+        """Open a spare connection when none is idle. llama-server closes the connection after
+        every streamed answer, so without a spare each stream would wait for a new connection
+        to be accepted and handed to a server thread before its request could even be read."""
+        if self._closed or self._idle:
+            return
+        try:
+            conn = WireConnection(self.address, _SPARE_CONNECT_TIMEOUT)
+        except OSError:
+            return  # the server is gone or going: the next request reports it
+        self.put(conn)
 
     def put(self, conn: WireConnection) -> None:
         """Keep ``conn`` for reuse (closed instead when the pool is full or closed)."""

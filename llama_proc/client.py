@@ -205,6 +205,11 @@ class LlamaClient(Endpoints):
     :param timeout: the default ``(connect, read)`` timeout of calls.
     :param pool_maxsize: keep-alive connections kept for concurrent threads.
     :param connect_retries: retries of connection attempts that never reached the server.
+    :param probe_path: fetched with GET on each new keep-alive connection before its first
+        (non-streamed) request, so that a connection the server leaves unserved is replaced
+        within half a second instead of stalling a call (llama-server's HTTP thread pool can
+        queue a connection that arrives in a burst behind idle keep-alive connections for their
+        5 s timeout). None sends no probe.
     """
 
     def __init__(
@@ -216,6 +221,7 @@ class LlamaClient(Endpoints):
         pool_maxsize: int = DEFAULT_POOL_SIZE,
         connect_retries: int = DEFAULT_CONNECT_RETRIES,
         error_hint: Callable[[], str] | None = None,
+        probe_path: str | None = "/health",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -224,6 +230,7 @@ class LlamaClient(Endpoints):
 
         self._http_layer = _adapter
         self.session, self._adapter = _adapter.new_session(self.base_url, api_key, pool_maxsize, connect_retries)
+        self._adapter.probe_path = probe_path
         self._pool_maxsize = pool_maxsize
         _live_clients.add(self)
         self._headers = {k: v if isinstance(v, str) else v.decode() for k, v in self.session.headers.items()}
@@ -268,6 +275,7 @@ class LlamaClient(Endpoints):
         # processes' requests on one connection. Drop the child's copies and start a fresh pool.
         old = self._adapter
         self._adapter = self._http_layer.Adapter(self.base_url, self._pool_maxsize, old.max_retries)
+        self._adapter.probe_path = old.probe_path
         self.session.mount(self.base_url + "/", self._adapter)
         with contextlib.suppress(Exception):
             old.close()

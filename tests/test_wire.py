@@ -15,6 +15,8 @@ from llama_proc import LlamaClient
 from llama_proc._wire import WirePool
 from llama_proc.errors import APIConnectionError, APITimeoutError
 
+from .conftest import wait_until
+
 
 @attrs.define
 class Reply:
@@ -33,8 +35,9 @@ def ok(body: bytes = b'{"ok": true}', extra: bytes = b"") -> Reply:
 class ScriptedServer:
     """A loopback server that answers the n-th request with the n-th :class:`Reply`."""
 
-    def __init__(self, replies: list[Reply]) -> None:
+    def __init__(self, replies: list[Reply], stuck: int = 0) -> None:
         self.replies = list(replies)
+        self.stuck = stuck  # this many connections are accepted first and never read
         self.requests: list[bytes] = []
         self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -51,6 +54,8 @@ class ScriptedServer:
                 return
             self.connections += 1
             self._socks.append(sock)
+            if self.connections <= self.stuck:
+                continue
             thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -84,10 +89,15 @@ class ScriptedServer:
             return
 
     def close(self) -> None:
-        for sock in [self._listener, *self._socks]:  # shutdown wakes a thread blocked in accept or recv
+        def end(sock: socket.socket) -> None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept or recv
             sock.close()
+
+        end(self._listener)
+        self._threads[0].join(5)  # no socket is accepted after this
+        for sock in self._socks:
+            end(sock)
         for thread in self._threads:
             thread.join(5)
 
@@ -96,8 +106,9 @@ class ScriptedServer:
 def serve() -> Iterator[object]:
     made: list[tuple[ScriptedServer, LlamaClient]] = []
 
-    def start(*replies: Reply, **client_kwargs: object) -> tuple[ScriptedServer, LlamaClient]:
-        server = ScriptedServer(list(replies))
+    def start(*replies: Reply, stuck: int = 0, **client_kwargs: object) -> tuple[ScriptedServer, LlamaClient]:
+        server = ScriptedServer(list(replies), stuck)
+        client_kwargs.setdefault("probe_path", None)
         client = LlamaClient(f"http://127.0.0.1:{server.port}", **client_kwargs)  # type: ignore[arg-type]
         made.append((server, client))
         return server, client
@@ -292,3 +303,57 @@ def test_pool_keeps_at_most_maxsize_idle_connections(serve) -> None:  # type: ig
     assert pool.get(1.0) == (conns[0], True)
     pool.close()
     conns[0].close()
+
+
+def test_a_new_connection_left_unserved_is_replaced_before_the_request(serve) -> None:  # type: ignore[no-untyped-def]
+    server, client = serve(ok(b'{"status": "ok"}'), ok(b'{"n": 1}'), ok(b'{"n": 2}'), stuck=1, probe_path="/health")
+    t = time.monotonic()
+    assert client.completions({"prompt": "x"}) == {"n": 1}
+    assert 0.4 < time.monotonic() - t < 2.0
+    assert client.completions({"prompt": "x"}) == {"n": 2}  # the probed connection is reused unprobed
+    assert server.connections == 2
+    assert [r.split(b" ", 2)[:2] for r in server.requests] == [
+        [b"GET", b"/health"],
+        [b"POST", b"/v1/completions"],
+        [b"POST", b"/v1/completions"],
+    ]
+
+
+def sse_reply() -> Reply:
+    event = b'data: {"choices": []}\n\ndata: [DONE]\n\n'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return Reply(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event), close=True)
+
+
+def test_a_spare_connection_is_ready_after_a_finished_stream(serve) -> None:  # type: ignore[no-untyped-def]
+    server, client = serve(sse_reply(), sse_reply(), probe_path="/health")
+    pool = client._adapter._wire
+    assert list(client.completions({"prompt": "x", "stream": True})) == [{"choices": []}]
+    assert len(pool._idle) == 1 and not pool._idle[0].served  # opened, not yet used
+    assert list(client.completions({"prompt": "x", "stream": True})) == [{"choices": []}]
+    assert wait_until(lambda: server.connections == 3, 2)  # the second stream went out on the spare
+    assert [r.split(b" ", 2)[:2] for r in server.requests] == [[b"POST", b"/v1/completions"]] * 2
+
+
+def test_a_spare_is_probed_before_a_plain_call_uses_it(serve) -> None:  # type: ignore[no-untyped-def]
+    server, client = serve(sse_reply(), ok(b'{"status": "ok"}'), ok(b'{"n": 1}'), probe_path="/health")
+    list(client.completions({"prompt": "x", "stream": True}))
+    assert client.tokenize("x") == {"n": 1}
+    assert [r.split(b" ", 2)[1] for r in server.requests] == [b"/v1/completions", b"/health", b"/tokenize"]
+    assert server.connections == 2
+
+
+def test_no_spare_after_a_stream_closed_early(serve) -> None:  # type: ignore[no-untyped-def]
+    unfinished = sse_reply().data.rsplit(b"0\r\n\r\n", 1)[0]  # the body's end has not arrived
+    _server, client = serve(Reply(unfinished))
+    with client.completions({"prompt": "x", "stream": True}) as stream:
+        next(stream)
+    assert len(client._adapter._wire._idle) == 0
+
+
+def test_probes_never_outlast_the_read_timeout(serve) -> None:  # type: ignore[no-untyped-def]
+    _server, client = serve(stuck=10, probe_path="/health")
+    t = time.monotonic()
+    with pytest.raises(APITimeoutError, match="read timeout"):
+        client.tokenize("x", timeout=(1.0, 0.7))
+    assert time.monotonic() - t < 1.2
