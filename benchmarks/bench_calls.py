@@ -106,7 +106,7 @@ def main() -> int:
         request = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 64, "stream": True, "seed": 1}
         raw_body = json.dumps(request).encode()
         ours_first, ours_gap, raw_first, raw_gap = [], [], [], []
-        for _ in range(15):
+        for _ in range(41):
             f, g = stream_timing_ours(server, request)
             ours_first.append(f)
             ours_gap.append(g)

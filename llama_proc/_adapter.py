@@ -1,7 +1,9 @@
-"""The requests/urllib3 side of :class:`~llama_proc.LlamaClient`, loaded with the first client.
+"""The requests side of :class:`~llama_proc.LlamaClient`, loaded with the first client.
 
 An adapter bound to exactly one plain-HTTP server: the per-call work of the general adapter (URL
-parsing to pick a pool, proxy and TLS checks, cookie extraction) is done once or not at all.
+parsing to pick a pool, proxy and TLS checks, cookie extraction) is done once or not at all, and
+requests go out over :mod:`llama_proc._wire`. urllib3 remains for bodies that are not bytes and
+for code that replaces ``HTTPAdapter.send`` (mocking libraries).
 """
 
 from __future__ import annotations

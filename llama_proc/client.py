@@ -4,10 +4,14 @@ Design points:
 
 * ``trust_env=False``: a user's ``HTTP_PROXY``/``ALL_PROXY``/``.netrc`` never captures loopback calls
   (and skipping those lookups is most of what makes a default Session slow per call).
-* One :class:`~requests.adapters.HTTPAdapter` mounted on exactly the server's base URL, with a
-  keep-alive pool sized for concurrent threads, ``TCP_NODELAY`` and ``SO_KEEPALIVE``.
-* ``Retry(connect=N, read=0, status=0)``: only what never reached the server is retried; a
-  generation is never sent twice.
+* One :class:`~requests.adapters.HTTPAdapter` mounted on exactly the server's base URL. It sends
+  over a lean HTTP/1.1 transport (:mod:`llama_proc._wire`) with a keep-alive pool sized for
+  concurrent threads, ``TCP_NODELAY`` and ``SO_KEEPALIVE``: ``http.client``'s per-call Python time
+  would otherwise cap the throughput of many threads.
+* New connections are probed before their first call, and a spare one follows each stream (see
+  ``probe_path`` and :meth:`~llama_proc._wire.WirePool.replenish`).
+* Only what never reached the server is retried (connection attempts, and a GET whose reused
+  connection died unanswered); a generation is never sent twice.
 * Timeouts are ``(connect, read)``; the read timeout is between bytes, which suits streams.
 * All transport errors are translated in :func:`translate_error`; every status >= 400 becomes a typed
   :class:`~llama_proc.errors.APIStatusError` with the server's body attached.
