@@ -243,6 +243,7 @@ class WireResponse:
         self._pending = b""
         self._pieces: Iterator[bytes] | None = None
         self._streamed = False
+        self._end_seen = False
         length = self.headers.get("content-length")
         if method == "HEAD" or self.status in _NO_BODY_STATUS:
             self._body: Iterator[bytes] | None = None
@@ -353,7 +354,7 @@ class WireResponse:
         A stream's reader stops at its last event (``data: [DONE]``), usually with the chunked
         body's end already in the buffer: that is read first, so the stream counts as finished
         (and a spare connection is opened for the next one)."""
-        conn = self._conn
+        conn, pool = self._conn, self._pool
         if conn is not None and self._streamed and not self._done:
             conn.buffered_only = True
             try:
@@ -364,6 +365,13 @@ class WireResponse:
             finally:
                 conn.buffered_only = False
         self._drop()
+        if not self._done and self._end_seen and pool is not None:  # (done: the drain opened one)
+            pool.replenish()
+
+    def note_end(self) -> None:
+        """The reader has seen the stream's last event (``data: [DONE]``): when closed, a spare
+        connection follows even if the body's closing bytes have not arrived yet."""
+        self._end_seen = True
 
     def _drop(self) -> None:
         conn = self._conn

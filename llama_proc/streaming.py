@@ -186,6 +186,9 @@ class Stream(Iterator[dict[str, Any]]):
             for event in iter_events(self._raw_chunks()):
                 data = event.data
                 if data == "[DONE]":
+                    note_end = getattr(self.response.raw, "note_end", None)
+                    if note_end is not None:  # the transport may open the next connection now
+                        note_end()
                     return
                 if not data:
                     continue

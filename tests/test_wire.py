@@ -357,3 +357,10 @@ def test_probes_never_outlast_the_read_timeout(serve) -> None:  # type: ignore[n
     with pytest.raises(APITimeoutError, match="read timeout"):
         client.tokenize("x", timeout=(1.0, 0.7))
     assert time.monotonic() - t < 1.2
+
+
+def test_a_spare_follows_done_even_before_the_body_ends(serve) -> None:  # type: ignore[no-untyped-def]
+    unfinished = sse_reply().data.rsplit(b"0\r\n\r\n", 1)[0]  # [DONE] arrived, the closing chunk not yet
+    _server, client = serve(Reply(unfinished))
+    assert list(client.completions({"prompt": "x", "stream": True})) == [{"choices": []}]
+    assert len(client._adapter._wire._idle) == 1
