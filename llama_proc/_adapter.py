@@ -138,7 +138,7 @@ class Adapter(HTTPAdapter):
             return self._send_urllib3(request, stream, timeout)
         method = request.method or "GET"
         target = getattr(request, "_llama_proc_target", None) or request.path_url
-        head = encode_head(method, target, self._wire.host_header, request.headers)  # ValueError: caller's mistake
+        head = encode_head(method, target, self._wire.host_header, request.headers)  # InvalidRequest: caller's mistake
         data = head + body if body else head
         connect_timeout, read_timeout = _timeout_pair(timeout)
         url = request.url or ""

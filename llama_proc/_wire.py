@@ -25,6 +25,8 @@ from typing import Iterator, Mapping
 
 from urllib3.exceptions import ClosedPoolError, ProtocolError, ReadTimeoutError
 
+from .errors import InvalidRequest
+
 __all__ = ["ProbeTimeout", "WireConnection", "WirePool", "WireResponse", "encode_head"]
 
 #: Longest status line plus header block accepted from a server.
@@ -203,20 +205,21 @@ class WireConnection:
 
 
 def encode_head(method: str, target: str, host: str, headers: Mapping[str, str]) -> bytes:
-    """The request line and header block. Raises ValueError for CR, LF and other controls (no
-    header injection through a path, a key or a header a caller passes on)."""
+    """The request line and header block. Raises :class:`~llama_proc.errors.InvalidRequest` (a
+    ValueError) for CR, LF and other controls: no header injection through a path, a key or a
+    header a caller passes on."""
     if _BAD_TARGET.search(target) or not target.isascii() or not method.isalpha():
-        raise ValueError(f"invalid request line {method} {target!r}: percent-encode spaces, controls and non-ASCII")
+        raise InvalidRequest(f"{method} {target!r}: percent-encode spaces, control characters and non-ASCII in a path")
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
     for name, value in headers.items():
         if _BAD_HEADER.search(name) or _BAD_HEADER.search(value) or ":" in name:
-            raise ValueError(f"invalid header {name!r}: no CR, LF or other control characters in headers")
+            raise InvalidRequest(f"header {name!r}: no CR, LF or other control characters in header names or values")
         lines.append(f"{name}: {value}")
     lines.append("\r\n")
     try:
         return "\r\n".join(lines).encode("latin-1")
     except UnicodeEncodeError:
-        raise ValueError("a header or the path holds characters outside Latin-1; percent-encode them") from None
+        raise InvalidRequest("a header holds characters outside Latin-1; encode its value") from None
 
 
 class WireResponse:

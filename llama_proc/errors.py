@@ -35,6 +35,7 @@ __all__ = [
     "ExecutableNotFound",
     "HealthCheckError",
     "InternalServerError",
+    "InvalidRequest",
     "IoError",
     "LlamaProcError",
     "LockTimeout",
@@ -431,6 +432,21 @@ class APITimeoutError(APIConnectionError, TimeoutError):
     """The server did not answer within the request timeout."""
 
     code = "api_error-timeout_error"
+
+
+class InvalidRequest(APIError, ValueError):
+    """A request that cannot be sent as given (a control character in a path or header); nothing
+    was sent."""
+
+    code = "api_error-invalid_request"
+    http_status = 400
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(_("Invalid request: {0}.").format(problem))
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"problem": self.problem}
 
 
 class APIStatusError(APIError):

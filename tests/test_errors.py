@@ -42,6 +42,7 @@ SAMPLES: list[LlamaProcError] = [
     errors.ServerNotRunning("it was stopped"),
     errors.ServerAlreadyRunning(123, "http://127.0.0.1:8080"),
     errors.APIStreamError(500, {"error": {"message": "oops"}}),
+    errors.InvalidRequest("header 'X': no CR, LF or other control characters in header names or values"),
 ]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from llama_proc import LlamaClient
 from llama_proc._wire import WirePool
-from llama_proc.errors import APIConnectionError, APITimeoutError
+from llama_proc.errors import APIConnectionError, APITimeoutError, InvalidRequest
 
 from .conftest import wait_until
 
@@ -270,7 +270,7 @@ def test_streamed_connection_closed_early_is_not_reused(serve) -> None:  # type:
 )
 def test_header_and_path_injection_refused(serve, path: str, headers: dict[str, str] | None) -> None:  # type: ignore[no-untyped-def]
     server, client = serve(ok())
-    with pytest.raises(ValueError, match="control characters|percent-encode"):
+    with pytest.raises(InvalidRequest, match="control characters|percent-encode"):
         client.forward("GET", path, headers=headers)
     assert server.requests == []
 
