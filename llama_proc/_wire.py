@@ -279,7 +279,7 @@ class WireResponse:
         try:
             data = conn.read_exact(self._length or 0) if self._body is None else b"".join(self._body)
         except BaseException:
-            self.close()
+            self._drop()  # broken or timed out: nothing left to drain
             raise
         self._finish()
         return data

@@ -364,3 +364,11 @@ def test_a_spare_follows_done_even_before_the_body_ends(serve) -> None:  # type:
     _server, client = serve(Reply(unfinished))
     assert list(client.completions({"prompt": "x", "stream": True})) == [{"choices": []}]
     assert len(client._adapter._wire._idle) == 1
+
+
+def test_a_broken_chunked_answer_leaves_no_spare(serve) -> None:  # type: ignore[no-untyped-def]
+    broken = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nonly part"
+    _server, client = serve(Reply(broken, close=True))
+    with pytest.raises(APIConnectionError):
+        client.health()
+    assert len(client._adapter._wire._idle) == 0
