@@ -299,18 +299,19 @@ def new_session(
 
 def prepare(
     base_url: str,
-    target: str,
+    prefix: str,
+    path: str,
     method: str,
     base_headers: Mapping[str, str],
     body: Any,
     headers: Mapping[str, str] | None,
 ) -> requests.PreparedRequest:
-    """A PreparedRequest for ``base_url + target`` built directly: JSON bodies encoded once, an
-    empty header value removes it."""
+    """A PreparedRequest for ``base_url + path`` built directly (``prefix`` is the base URL's own
+    path): JSON bodies encoded once, an empty header value removes it."""
     request = requests.PreparedRequest()
     request.method = method
-    request.url = base_url + target
-    request._llama_proc_target = target  # type: ignore[attr-defined]  # spares parsing the URL again
+    request.url = base_url + path
+    request._llama_proc_target = prefix + path  # type: ignore[attr-defined]  # spares parsing the URL again
     hdrs: Any
     if headers:
         hdrs = CaseInsensitiveDict(base_headers)

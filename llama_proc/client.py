@@ -24,6 +24,7 @@ import json as _json
 import os
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+from urllib.parse import urlsplit
 
 from ._transport import translate_error
 from .errors import make_status_error
@@ -234,7 +235,9 @@ class LlamaClient(Endpoints):
 
         self._http_layer = _adapter
         self.session, self._adapter = _adapter.new_session(self.base_url, api_key, pool_maxsize, connect_retries)
-        self._adapter.probe_path = probe_path
+        # a base URL may carry a path (a server behind a proxy): request targets start with it
+        self._prefix = urlsplit(self.base_url).path
+        self._adapter.probe_path = None if probe_path is None else self._prefix + probe_path
         self._pool_maxsize = pool_maxsize
         _live_clients.add(self)
         self._headers = {k: v if isinstance(v, str) else v.decode() for k, v in self.session.headers.items()}
@@ -245,7 +248,7 @@ class LlamaClient(Endpoints):
     def _prepare(
         self, method: str, path: str, body: Any, headers: Mapping[str, str] | None
     ) -> requests.PreparedRequest:
-        return self._http_layer.prepare(self.base_url, path, method, self._headers, body, headers)
+        return self._http_layer.prepare(self.base_url, self._prefix, path, method, self._headers, body, headers)
 
     def _send_raw(
         self,

@@ -372,3 +372,17 @@ def test_a_broken_chunked_answer_leaves_no_spare(serve) -> None:  # type: ignore
     with pytest.raises(APIConnectionError):
         client.health()
     assert len(client._adapter._wire._idle) == 0
+
+
+def test_a_base_url_with_a_path_prefixes_every_request() -> None:
+    server = ScriptedServer([ok(b'{"status": "ok"}'), ok(b'{"tokens": []}')])
+    client = LlamaClient(f"http://127.0.0.1:{server.port}/llama/", probe_path="/health")
+    try:
+        assert client.tokenize("x") == {"tokens": []}
+    finally:
+        client.close()
+        server.close()
+    assert [r.split(b" ", 2)[:2] for r in server.requests] == [
+        [b"GET", b"/llama/health"],
+        [b"POST", b"/llama/tokenize"],
+    ]
