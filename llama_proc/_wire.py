@@ -15,7 +15,9 @@ Errors are raised as the urllib3 exceptions that requests already knows how to t
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
+import os
 import re
 import select
 import socket
@@ -54,7 +56,7 @@ class WireConnection:
     """One TCP connection: a socket, the bytes read ahead of what was consumed, and a poller that
     tells, while idle, whether the server has closed it."""
 
-    __slots__ = ("_buffer", "_poll", "_timeout", "buffered_only", "served", "sock")
+    __slots__ = ("_buffer", "_pid", "_poll", "_timeout", "buffered_only", "served", "sock")
 
     def __init__(self, address: tuple[str, int], connect_timeout: float | None) -> None:
         sock = socket.create_connection(address, connect_timeout)
@@ -67,6 +69,7 @@ class WireConnection:
             sock.close()
             raise
         self.sock = sock
+        self._pid = os.getpid()
         self._timeout = connect_timeout
         self._buffer = b""
         #: True once the server has answered on this connection.
@@ -86,7 +89,16 @@ class WireConnection:
             self._timeout = timeout
 
     def close(self) -> None:
-        """Close the socket (never ``shutdown``: after fork the parent may still use it)."""
+        """Close the socket (no ``shutdown``: after fork the parent may still use it)."""
+        self.sock.close()
+
+    def abort(self) -> None:
+        """End a connection in the middle of an answer: ``shutdown`` first, which wakes a thread
+        blocked reading it and tells the server at once (a plain close waits for that read to
+        return). Only in the process that opened it; a forked copy just closes its descriptor."""
+        if self._pid == os.getpid():
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
     # -- reading --------------------------------------------------------------------------------
@@ -327,6 +339,9 @@ class WireResponse:
             self._drop()
             message = f"Read timed out. (read timeout={self._read_timeout})"
             raise ReadTimeoutError(None, self.url, message) from None  # type: ignore[arg-type]
+        except OSError as exc:  # reset, or closed under the reader: requests reports it as broken
+            self._drop()
+            raise ProtocolError("Connection broken", exc) from None
         except BaseException:
             self._drop()
             raise
@@ -365,6 +380,8 @@ class WireResponse:
                     break  # more data: the stream was abandoned, not finished
             except _NotBuffered:
                 pass
+            except ValueError:  # closed from another thread while its reader is reading: just drop
+                pass
             finally:
                 conn.buffered_only = False
         self._drop()
@@ -380,7 +397,7 @@ class WireResponse:
         conn = self._conn
         self._conn = self._pool = None
         if conn is not None:
-            conn.close()
+            conn.abort()
 
 
 def _split(piece: bytes, amt: int | None) -> Iterator[bytes]:

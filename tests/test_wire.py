@@ -386,3 +386,28 @@ def test_a_base_url_with_a_path_prefixes_every_request() -> None:
         [b"GET", b"/llama/health"],
         [b"POST", b"/llama/tokenize"],
     ]
+
+
+def test_a_stream_closed_from_another_thread_while_being_read(serve) -> None:  # type: ignore[no-untyped-def]
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    event = b'data: {"choices": []}\n\n'
+    _server, client = serve(Reply(head + b"%x\r\n%s\r\n" % (len(event), event)))
+    stream = client.completions({"prompt": "x", "stream": True}, timeout=(1.0, 5.0))
+    assert next(stream) == {"choices": []}
+    errors: list[BaseException] = []
+
+    def read_on() -> None:
+        try:
+            next(stream)
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read_on)
+    reader.start()
+    time.sleep(0.2)  # the reader is now waiting for the next chunk
+    stream.close()  # must neither raise nor hang
+    t = time.monotonic()
+    reader.join(5)
+    assert not reader.is_alive() and stream.closed
+    assert time.monotonic() - t < 1.0  # woken at once, not at its 5 s read timeout
+    assert len(errors) == 1 and isinstance(errors[0], (APIConnectionError, StopIteration))
