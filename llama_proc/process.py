@@ -260,18 +260,33 @@ def _pid_alive(pid: int) -> bool:
 # killing: the one place that stops processes
 
 
+#: Seconds after SIGTERM before a second one. llama-server stops in milliseconds when idle, and
+#: exits at once on a second signal; that ends its rare shutdowns that never finish (a SIGTERM
+#: that lands just before its main loop starts is forgotten, and its signal handler takes a lock
+#: the interrupted thread may hold).
+_SECOND_SIGNAL_AFTER = 1.0
+
+
 def _terminate(
     popen: subprocess.Popen[bytes], pumps: Sequence[threading.Thread], timeout: float, hurry: threading.Event
 ) -> int:
-    """SIGTERM the process group, wait ``timeout``, SIGKILL; join the pumps; return the exit code."""
+    """SIGTERM the process group, a second SIGTERM if it still runs after a moment, SIGKILL after
+    ``timeout``; join the pumps; return the exit code."""
     if popen.poll() is None:
         _signal_group(popen, signal.SIGTERM if _POSIX else None)
+        grace = min(_SECOND_SIGNAL_AFTER, timeout / 2)
         try:
-            popen.wait(timeout)
+            popen.wait(grace)
         except subprocess.TimeoutExpired:
-            _log.warning("pid %d did not stop within %.3g s of SIGTERM; killing it", popen.pid, timeout)
-            _signal_group(popen, signal.SIGKILL if _POSIX else None)
-            popen.wait()
+            if _POSIX:
+                _log.info("pid %d still runs %.3g s after SIGTERM; sending a second one", popen.pid, grace)
+                _signal_group(popen, signal.SIGTERM)
+            try:
+                popen.wait(timeout - grace)
+            except subprocess.TimeoutExpired:
+                _log.warning("pid %d did not stop within %.3g s of SIGTERM; killing it", popen.pid, timeout)
+                _signal_group(popen, signal.SIGKILL if _POSIX else None)
+                popen.wait()
     # A process already reaped is not signalled again: its pid may belong to another process by now.
     hurry.set()  # batching pumps read the last output and the end of the pipes at once
     for pump in pumps:

@@ -40,6 +40,8 @@ from .process import ServerProcess
 from .versions import flag_dialect
 
 if TYPE_CHECKING:
+    import http.client
+
     import requests
 
 __all__ = ["EventKind", "Listener", "LlamaServer", "RestartPolicy", "Server", "ServerEvent"]
@@ -125,6 +127,22 @@ def _connect_host(host: str) -> str:
     if host in ("::", "[::]"):
         return "::1"
     return host.strip("[]")
+
+
+def _main_loop_started(conn: http.client.HTTPConnection, api_key: str | None) -> None:
+    """Wait until the server's main loop runs, by asking for ``/slots`` (answered from that loop).
+
+    ``/health`` turns 200 a moment before llama-server installs its signal handler and starts
+    its main loop, and a SIGTERM in that moment is lost: a ``stop()`` right after ``start()``
+    would then wait for the second signal. Any answer will do (``--no-slots`` answers at once)."""
+    import http.client  # loaded with the readiness check already
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        conn.request("GET", "/slots", headers=headers)
+        conn.getresponse().read()
+    except (OSError, http.client.HTTPException):
+        pass
 
 
 def _is_loopback(host: str) -> bool:
@@ -539,6 +557,7 @@ class LlamaServer(Endpoints):
                 else:
                     if response.status == 200:
                         if proc.poll() is None:
+                            _main_loop_started(conn, args.api_key)
                             return
                         continue
                     if response.status != 503:
@@ -557,7 +576,8 @@ class LlamaServer(Endpoints):
                 conn.close()
 
     def stop(self, timeout: float | None = None) -> int | None:
-        """Stop the server: SIGTERM, ``timeout`` seconds (default ``stop_timeout``), then SIGKILL.
+        """Stop the server: SIGTERM (again after a second if it still runs), then SIGKILL once
+        ``timeout`` seconds (default ``stop_timeout``) have passed.
 
         Joins the log threads and closes the connection pool. Idempotent.
 

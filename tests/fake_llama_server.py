@@ -11,6 +11,8 @@ behaviour is chosen with the ``FAKE_MODE`` environment variable (comma-separated
 * ``silent-hang``: never listen and never log (stall timeout)
 * ``bad-utf8``: log bytes that are not UTF-8
 * ``die-after``: exit with status 7 ``FAKE_DIE_SECONDS`` (default 0.3) after listening
+* ``lose-first-term``: forget the first SIGTERM and exit 1 at once on the second (what llama-server
+  does when the first lands just before its main loop starts)
 """
 
 from __future__ import annotations
@@ -149,7 +151,16 @@ def main() -> int:
 
         threading.Thread(target=die, daemon=True).start()
 
+    terms: list[int] = []
+
     def on_term(signum: int, frame: object) -> None:
+        if "lose-first-term" in MODES:
+            terms.append(signum)
+            if len(terms) == 1:
+                log("I", "first signal lost")
+                return
+            log("W", "second interrupt, terminating immediately")
+            os._exit(1)
         stop.set()
         threading.Thread(target=server.shutdown, daemon=True).start()
 

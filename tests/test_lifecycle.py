@@ -278,3 +278,15 @@ def test_a_small_request_goes_out_in_one_write(fake_exe: Path, model: Path, monk
         monkeypatch.setattr(socket.socket, "sendall", counting)
         assert server.chat_completions({"messages": [{"role": "user", "content": "x" * 1000}]})["choices"]
         assert len(writes) == 1 and writes[0] > 1000  # headers and body together
+
+
+def test_a_lost_first_sigterm_is_followed_by_a_second(fake_exe: Path, model: Path) -> None:
+    with make(fake_exe, model, "lose-first-term", stop_timeout=10) as server:
+        t = time.monotonic()
+        assert server.stop() == 1  # the second signal's exit status, not SIGKILL's -9
+        assert 0.9 < time.monotonic() - t < 3
+
+
+def test_start_returns_once_the_main_loop_answers(fake_exe: Path, model: Path) -> None:
+    with make(fake_exe, model) as server:
+        assert any("/slots" in line for line in server.log_tail(50))
