@@ -173,15 +173,7 @@ class Adapter(HTTPAdapter):
                 if isinstance(exc, OSError):
                     exc = ProtocolError("Connection aborted.", exc)
                 raise requests.exceptions.ConnectionError(exc, request=request) from None
-        response = requests.Response()
-        response.status_code = raw.status
-        response.headers = CaseInsensitiveDict(raw.headers)
-        response.encoding = get_encoding_from_headers(response.headers)
-        response.raw = raw
-        response.reason = raw.reason
-        response.url = url
-        response.request = request
-        response.connection = self
+        response = self.build_response(request, raw)
         if content is not None:
             response._content = content
             response._content_consumed = True  # type: ignore[attr-defined]

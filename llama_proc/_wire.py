@@ -252,8 +252,7 @@ class WireResponse:
         self._pool: WirePool | None = pool
         self._conn: WireConnection | None = conn
         self._read_timeout = read_timeout
-        connection = self.headers.get("connection", "").lower()
-        self._reusable = ("close" not in connection) if http11 else ("keep-alive" in connection)
+        self._reusable = _keeps_alive(self.headers, http11)
         self._done = False
         self._pending = b""
         self._pieces: Iterator[bytes] | None = None
@@ -400,6 +399,13 @@ class WireResponse:
             conn.abort()
 
 
+def _keeps_alive(headers: Mapping[str, str], http11: bool) -> bool:
+    """Whether the server leaves the connection open after this answer (HTTP/1.1 unless it says
+    ``close``, HTTP/1.0 only when it says ``keep-alive``)."""
+    connection = headers.get("connection", "").lower()
+    return ("close" not in connection) if http11 else ("keep-alive" in connection)
+
+
 def _split(piece: bytes, amt: int | None) -> Iterator[bytes]:
     if amt is None or len(piece) <= amt:
         yield piece
@@ -437,16 +443,16 @@ class WirePool:
         conn = self._pop_idle()
         if conn is not None and (conn.served or not probing):
             return conn, True
-        if conn is not None:
-            self._idle.append(conn)  # a spare opened after a stream: probed below like a new one
         if not probing:
             return self._connect(connect_timeout), False
-        # One new connection at a time, each until the server has shown it serves it: a burst of
-        # connections is what can leave one of them unserved (see _served).
+        # Here conn is None or a spare opened after a stream, not yet probed. One new connection
+        # at a time, each until the server has shown it serves it: a burst of connections is what
+        # can leave one of them unserved (see _served).
         deadline = None if read_timeout is None else time.monotonic() + read_timeout
         with self._connect_lock:
             for _ in range(_PROBE_ATTEMPTS):
-                conn = self._pop_idle()  # one may have come back while this thread waited
+                if conn is None:
+                    conn = self._pop_idle()  # one may have come back while this thread waited
                 if conn is not None and conn.served:
                     return conn, True
                 reused = conn is not None
@@ -457,6 +463,7 @@ class WirePool:
                     conn.served = True
                     return conn, reused
                 conn.close()
+                conn = None
                 if deadline is not None and time.monotonic() >= deadline:
                     raise ProbeTimeout(f"no answer to GET {self.probe_path} within the read timeout")
         return self._connect(connect_timeout), False  # the server answers nothing quickly: just send
@@ -501,8 +508,7 @@ class WirePool:
             conn.read_exact(int(headers.get("content-length", "0") or 0))
         except (OSError, ProtocolError, ValueError):
             return False
-        connection = headers.get("connection", "").lower()
-        return ("close" not in connection) if http11 else ("keep-alive" in connection)
+        return _keeps_alive(headers, http11)
 
     def replenish(self) -> None:
         """Open a spare connection when none is idle. llama-server closes the connection after
