@@ -505,7 +505,14 @@ class WirePool:
             conn.set_timeout(wait)
             conn.sock.sendall(head)
             _status, _reason, headers, http11 = conn.read_head()
-            conn.read_exact(int(headers.get("content-length", "0") or 0))
+            length = headers.get("content-length", "")
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                for _ in conn.iter_chunked():  # the whole answer, so none of it is left for the call
+                    pass
+            elif length.isdigit():
+                conn.read_exact(int(length))
+            else:
+                return False  # its end is the connection's end
         except (OSError, ProtocolError, ValueError):
             return False
         return _keeps_alive(headers, http11)

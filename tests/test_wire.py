@@ -411,3 +411,10 @@ def test_a_stream_closed_from_another_thread_while_being_read(serve) -> None:  #
     assert not reader.is_alive() and stream.closed
     assert time.monotonic() - t < 1.0  # woken at once, not at its 5 s read timeout
     assert len(errors) == 1 and isinstance(errors[0], (APIConnectionError, StopIteration))
+
+
+def test_a_probe_answer_without_content_length_does_not_leak_into_the_call(serve) -> None:  # type: ignore[no-untyped-def]
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    server, client = serve(Reply(chunked), ok(b'{"n": 1}'), probe_path="/health")
+    assert client.tokenize("x") == {"n": 1}
+    assert [r.split(b" ", 2)[1] for r in server.requests] == [b"/health", b"/tokenize"]
