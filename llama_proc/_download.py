@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("llama_proc.binaries")
 
-#: Called with (fraction done in 0..1 or None when unknown, a line to show).
-Progress = Callable[[Optional[float], str], None]
+#: A progress callback for downloads and builds: called with (the fraction done in 0..1, or None
+#: when unknown; a line to show). Public as :data:`llama_proc.binaries.ProgressCallback`.
+ProgressCallback = Callable[[Optional[float], str], None]
 
 CHUNK = 1 << 20
 
@@ -29,7 +30,7 @@ def download(
     *,
     sha256: str | None,
     session: requests.Session,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     retry_delays: Sequence[float] = (1.0, 3.0),
     timeout: tuple[float, float] = (5.0, 60.0),
 ) -> Path:
@@ -62,7 +63,7 @@ def _download_once(
     dest: Path,
     sha256: str | None,
     session: requests.Session,
-    progress: Progress | None,
+    progress: ProgressCallback | None,
     timeout: tuple[float, float],
 ) -> Path:
     import requests

@@ -7,7 +7,9 @@ process by now (its pid was reused) and is never signalled. The write end of tha
 the Python process that owns the servers, so when that process ends for any reason, SIGKILL
 included, the guardian reads end-of-file, sends SIGTERM to every registered group, waits briefly,
 and sends SIGKILL to what is left. It is standard library only and imports nothing of llama_proc,
-so it starts in milliseconds.
+so it starts in milliseconds (``-I -S`` leaves neither the package nor site-packages importable).
+That is also why it stops groups itself instead of with ``_kill.kill_group``: it signals every
+group at once under one grace period, and checks again that a group is still ours before SIGKILL.
 """
 
 from __future__ import annotations

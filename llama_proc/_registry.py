@@ -10,14 +10,14 @@ same executable), so a reused pid is never signalled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
+from ._kill import kill_group
 from ._paths import private_cache_dir
 
 _log = logging.getLogger("llama_proc.process")
@@ -78,6 +78,10 @@ def forget(pid: int) -> None:
             (_run_dir() / f"{pid}.json").unlink()
 
 
+def _ended(pid: int) -> bool:
+    return start_time(pid) is None
+
+
 def reap_stale(timeout: float = 5.0) -> list[int]:
     """Stop every recorded server whose owner is gone; returns their pids.
 
@@ -106,21 +110,9 @@ def reap_stale(timeout: float = 5.0) -> list[int]:
                 path.unlink()  # gone, or the pid was reused by another process: never touch it
             continue
         _log.warning("stopping stale llama-server pid %d (its owner %d is gone)", pid, owner)
-        _stop_group(pid, timeout)
+        # not our child, so never reaped here: it has ended once it is gone or a zombie (start_time None)
+        kill_group(pid, timeout, kill_wait=5.0, ended=functools.partial(_ended, pid))
         reaped.append(pid)
         with contextlib.suppress(OSError):
             path.unlink()
     return reaped
-
-
-def _stop_group(pid: int, timeout: float) -> None:
-    for sig, grace in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if start_time(pid) is None:
-                return
-            time.sleep(0.02)

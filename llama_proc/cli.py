@@ -1,4 +1,4 @@
-"""The ``llama-proc`` command line: ``build``, ``serve``, ``demo``, ``which``."""
+"""The ``llama-proc`` command line: ``build``, ``install``, ``which``, ``list``, ``doctor``, ``serve``, ``demo``."""
 
 from __future__ import annotations
 

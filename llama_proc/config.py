@@ -1,15 +1,21 @@
-"""``LlamaServerArgs``: what to run, validated, and the one place that builds argv."""
+"""``LlamaServerArgs``: what to run, validated, the one place that builds argv, and the one cattrs
+converter between plain data (a mapping, the environment) and configs."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shlex
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import attrs
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import cattrs
 
 __all__ = ["FlagDialect", "LlamaServerArgs"]
 
@@ -24,7 +30,7 @@ _HOST_PORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 class FlagDialect:
     """How a given ``llama-server`` build spells the flags whose spelling changed over time.
 
-    The default is the newest spelling; :func:`llama_proc.server.flag_dialect` derives one from an
+    The default is the newest spelling; :func:`llama_proc.versions.flag_dialect` derives one from an
     executable's ``--help``.
     """
 
@@ -52,7 +58,7 @@ def _to_tuple(value: Any) -> Any:
     if value is None:
         return ()
     if isinstance(value, (str, bytes)):
-        return value  # reported by problems(): a string is not a list of strings
+        return value  # reported by the field's validator: a string is not a list of strings
     try:
         return tuple(value)
     except TypeError:
@@ -67,6 +73,118 @@ def _to_flash_attn(value: Any) -> Any:
     if isinstance(value, str):
         return value.strip().lower()
     return value
+
+
+# -- validation ---------------------------------------------------------------------------------
+#
+# Every field carries its validator, but these validators report instead of raising: attrs runs
+# them one after another, and the first to raise would hide the problems of the fields after it,
+# while a ConfigError names every bad field at once. What they report about an instance being built
+# is kept here under the instance's id() until its __attrs_post_init__ raises it all together.
+
+_found: dict[int, list[str]] = {}
+
+_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def _report(inst: object, problem: str) -> None:
+    _found.setdefault(id(inst), []).append(problem)
+
+
+def _model_path(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, Path):
+        _report(inst, f"{attribute.name}: expected a path, got {value!r}")
+    elif not str(value).strip() or str(value) == ".":
+        _report(inst, f"{attribute.name}: must name a .gguf file")
+
+
+def _optional_path(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, Path):
+        _report(inst, f"{attribute.name}: expected a path, got {value!r}")
+
+
+def _int(low: int | None, high: int | None = None) -> _Validator:
+    """An integer (or None) of at least ``low`` and at most ``high``; a bool is no integer here."""
+
+    def check(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            _report(inst, f"{attribute.name}: expected an integer, got {value!r}")
+        elif (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"between {low} and {high}"
+            _report(inst, f"{attribute.name}: must be {bounds}, got {value}")
+
+    return check
+
+
+def _str(choices: Sequence[str] | None = None) -> _Validator:
+    """A string (or None): one of ``choices`` when given, else not blank."""
+
+    def check(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return
+        if not isinstance(value, str):
+            _report(inst, f"{attribute.name}: expected a string, got {value!r}")
+        elif choices is not None and value not in choices:
+            _report(inst, f"{attribute.name}: {value!r} is not one of {', '.join(choices)}")
+        elif not value.strip():
+            _report(inst, f"{attribute.name}: must not be empty")
+
+    return check
+
+
+def _no_whitespace(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, str) and any(c.isspace() for c in value):
+        _report(inst, f"{attribute.name}: must not contain whitespace")
+
+
+def _bool(optional: bool) -> _Validator:
+    """True or False, or also None when ``optional``."""
+
+    def check(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, bool):
+            _report(inst, f"{attribute.name}: expected True or False{' or None' if optional else ''}, got {value!r}")
+
+    return check
+
+
+def _not_above(other: str) -> _Validator:
+    """Not more than the field ``other`` (when both are integers)."""
+
+    def check(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        limit = getattr(inst, other)
+        if isinstance(value, int) and isinstance(limit, int) and value > limit:
+            _report(inst, f"{attribute.name}: must not exceed {other} ({value} > {limit})")
+
+    return check
+
+
+def _not_with(other: str) -> _Validator:
+    """Not given together with the field ``other``."""
+
+    def check(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and getattr(inst, other) is not None:
+            _report(inst, f"{other}, {attribute.name}: give one of them, not both")
+
+    return check
+
+
+def _host_ports(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple):
+        _report(inst, f"{attribute.name}: expected a list of host:port strings, got {value!r}")
+        return
+    for item in value:
+        match = _HOST_PORT_RE.match(item) if isinstance(item, str) else None
+        if match is None or not 0 < int(match.group(2)) < 65536:
+            _report(inst, f"{attribute.name}: {item!r} is not host:port")
+
+
+def _strings(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(a, str) for a in value):
+        _report(inst, f"{attribute.name}: expected a list of strings, got {value!r}")
 
 
 def _flag(name: str, kind: str = "value") -> dict[str, str]:
@@ -84,132 +202,101 @@ class LlamaServerArgs:
     :raises ConfigError: listing every invalid field at once.
     """
 
-    model: Path = attrs.field(converter=_to_path, metadata=_flag("--model"))
-    alias: Optional[str] = attrs.field(default=None, metadata=_flag("--alias"))
+    model: Path = attrs.field(converter=_to_path, validator=_model_path, metadata=_flag("--model"))
+    alias: Optional[str] = attrs.field(default=None, validator=_str(), metadata=_flag("--alias"))
     api_key: Optional[str] = attrs.field(
-        default=None, repr=lambda v: "None" if v is None else "'***'", metadata=_flag("--api-key")
+        default=None,
+        validator=[_str(), _no_whitespace],
+        repr=lambda v: "None" if v is None else "'***'",
+        metadata=_flag("--api-key"),
     )
-    host: str = attrs.field(default="127.0.0.1", metadata=_flag("--host"))
-    port: Optional[int] = attrs.field(default=None, metadata=_flag("--port"))
-    n_ctx: Optional[int] = attrs.field(default=None, metadata=_flag("--ctx-size"))
-    n_predict: Optional[int] = attrs.field(default=None, metadata=_flag("--n-predict"))
-    n_parallel: Optional[int] = attrs.field(default=None, metadata=_flag("--parallel"))
-    n_gpu_layers: Optional[int] = attrs.field(default=None, metadata=_flag("--n-gpu-layers"))
-    threads: Optional[int] = attrs.field(default=None, metadata=_flag("--threads"))
-    threads_batch: Optional[int] = attrs.field(default=None, metadata=_flag("--threads-batch"))
-    batch_size: Optional[int] = attrs.field(default=None, metadata=_flag("--batch-size"))
-    ubatch_size: Optional[int] = attrs.field(default=None, metadata=_flag("--ubatch-size"))
+    host: str = attrs.field(default="127.0.0.1", validator=_str(), metadata=_flag("--host"))
+    port: Optional[int] = attrs.field(default=None, validator=_int(1, 65535), metadata=_flag("--port"))
+    n_ctx: Optional[int] = attrs.field(default=None, validator=_int(0), metadata=_flag("--ctx-size"))
+    n_predict: Optional[int] = attrs.field(default=None, validator=_int(-2), metadata=_flag("--n-predict"))
+    n_parallel: Optional[int] = attrs.field(default=None, validator=_int(1), metadata=_flag("--parallel"))
+    n_gpu_layers: Optional[int] = attrs.field(default=None, validator=_int(-1), metadata=_flag("--n-gpu-layers"))
+    threads: Optional[int] = attrs.field(default=None, validator=_int(-1), metadata=_flag("--threads"))
+    threads_batch: Optional[int] = attrs.field(default=None, validator=_int(-1), metadata=_flag("--threads-batch"))
+    threads_http: Optional[int] = attrs.field(default=None, validator=_int(1), metadata=_flag("--threads-http"))
+    batch_size: Optional[int] = attrs.field(default=None, validator=_int(1), metadata=_flag("--batch-size"))
+    ubatch_size: Optional[int] = attrs.field(
+        default=None, validator=[_int(1), _not_above("batch_size")], metadata=_flag("--ubatch-size")
+    )
     flash_attn: Optional[str] = attrs.field(
-        default=None, converter=_to_flash_attn, metadata=_flag("--flash-attn", "special")
+        default=None,
+        converter=_to_flash_attn,
+        validator=_str(FLASH_ATTN_VALUES),
+        metadata=_flag("--flash-attn", "special"),
     )
-    cont_batching: Optional[bool] = attrs.field(default=None, metadata=_flag("--cont-batching", "tristate"))
-    mlock: Optional[bool] = attrs.field(default=None, metadata=_flag("--mlock", "special"))
-    mmap: Optional[bool] = attrs.field(default=None, metadata=_flag("--mmap", "special"))
-    cache_type_k: Optional[str] = attrs.field(default=None, metadata=_flag("--cache-type-k"))
-    cache_type_v: Optional[str] = attrs.field(default=None, metadata=_flag("--cache-type-v"))
-    seed: Optional[int] = attrs.field(default=None, metadata=_flag("--seed"))
-    jinja: Optional[bool] = attrs.field(default=None, metadata=_flag("--jinja", "tristate"))
-    chat_template: Optional[str] = attrs.field(default=None, metadata=_flag("--chat-template"))
+    cont_batching: Optional[bool] = attrs.field(
+        default=None, validator=_bool(optional=True), metadata=_flag("--cont-batching", "tristate")
+    )
+    mlock: Optional[bool] = attrs.field(
+        default=None, validator=_bool(optional=True), metadata=_flag("--mlock", "special")
+    )
+    mmap: Optional[bool] = attrs.field(
+        default=None, validator=_bool(optional=True), metadata=_flag("--mmap", "special")
+    )
+    cache_type_k: Optional[str] = attrs.field(
+        default=None, validator=_str(CACHE_TYPES), metadata=_flag("--cache-type-k")
+    )
+    cache_type_v: Optional[str] = attrs.field(
+        default=None, validator=_str(CACHE_TYPES), metadata=_flag("--cache-type-v")
+    )
+    seed: Optional[int] = attrs.field(default=None, validator=_int(-1, 2**32 - 1), metadata=_flag("--seed"))
+    jinja: Optional[bool] = attrs.field(
+        default=None, validator=_bool(optional=True), metadata=_flag("--jinja", "tristate")
+    )
+    chat_template: Optional[str] = attrs.field(default=None, validator=_str(), metadata=_flag("--chat-template"))
     chat_template_file: Optional[Path] = attrs.field(
-        default=None, converter=_to_optional_path, metadata=_flag("--chat-template-file")
+        default=None,
+        converter=_to_optional_path,
+        validator=[_optional_path, _not_with("chat_template")],
+        metadata=_flag("--chat-template-file"),
     )
-    embeddings: bool = attrs.field(default=False, metadata=_flag("--embeddings", "switch"))
-    pooling: Optional[str] = attrs.field(default=None, metadata=_flag("--pooling"))
-    reranking: bool = attrs.field(default=False, metadata=_flag("--reranking", "switch"))
-    metrics: bool = attrs.field(default=False, metadata=_flag("--metrics", "switch"))
-    slots: Optional[bool] = attrs.field(default=None, metadata=_flag("--slots", "tristate"))
-    webui: Optional[bool] = attrs.field(default=None, metadata=_flag("--webui", "special"))
-    verbose: bool = attrs.field(default=False, metadata=_flag("--verbose", "switch"))
-    rpc: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple, metadata=_flag("--rpc", "special"))
-    extra_args: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple, metadata=_flag("", "special"))
+    embeddings: bool = attrs.field(
+        default=False, validator=_bool(optional=False), metadata=_flag("--embeddings", "switch")
+    )
+    pooling: Optional[str] = attrs.field(default=None, validator=_str(POOLING_TYPES), metadata=_flag("--pooling"))
+    reranking: bool = attrs.field(
+        default=False, validator=_bool(optional=False), metadata=_flag("--reranking", "switch")
+    )
+    metrics: bool = attrs.field(default=False, validator=_bool(optional=False), metadata=_flag("--metrics", "switch"))
+    slots: Optional[bool] = attrs.field(
+        default=None, validator=_bool(optional=True), metadata=_flag("--slots", "tristate")
+    )
+    webui: Optional[bool] = attrs.field(
+        default=None, validator=_bool(optional=True), metadata=_flag("--webui", "special")
+    )
+    verbose: bool = attrs.field(default=False, validator=_bool(optional=False), metadata=_flag("--verbose", "switch"))
+    rpc: tuple[str, ...] = attrs.field(
+        default=(), converter=_to_tuple, validator=_host_ports, metadata=_flag("--rpc", "special")
+    )
+    extra_args: tuple[str, ...] = attrs.field(
+        default=(), converter=_to_tuple, validator=_strings, metadata=_flag("", "special")
+    )
+
+    def __attrs_pre_init__(self) -> None:
+        # an instance that once had this id but failed half-way through its validators left its problems
+        _found.pop(id(self), None)
 
     def __attrs_post_init__(self) -> None:
-        problems = self.problems()
+        problems = _found.pop(id(self), None)
         if problems:
             raise ConfigError(problems)
 
     # -- validation ---------------------------------------------------------------------------
 
     def problems(self) -> list[str]:
-        """Every problem with these values, one line each (empty when valid)."""
-        out: list[str] = []
-
-        def check_int(name: str, low: int | None, high: int | None = None) -> None:
-            value = getattr(self, name)
-            if value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int):
-                out.append(f"{name}: expected an integer, got {value!r}")
-            elif (low is not None and value < low) or (high is not None and value > high):
-                bounds = f">= {low}" if high is None else f"between {low} and {high}"
-                out.append(f"{name}: must be {bounds}, got {value}")
-
-        def check_str(name: str, choices: Sequence[str] | None = None, allow_empty: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None:
-                return
-            if not isinstance(value, str):
-                out.append(f"{name}: expected a string, got {value!r}")
-            elif choices is not None and value not in choices:
-                out.append(f"{name}: {value!r} is not one of {', '.join(choices)}")
-            elif not allow_empty and not value.strip():
-                out.append(f"{name}: must not be empty")
-
-        def check_bool(name: str, optional: bool) -> None:
-            value = getattr(self, name)
-            if value is None and optional:
-                return
-            if not isinstance(value, bool):
-                out.append(f"{name}: expected True or False{' or None' if optional else ''}, got {value!r}")
-
-        if not isinstance(self.model, Path):
-            out.append(f"model: expected a path, got {self.model!r}")
-        elif not str(self.model).strip() or str(self.model) == ".":
-            out.append("model: must name a .gguf file")
-        check_str("alias")
-        check_str("api_key")
-        if isinstance(self.api_key, str) and any(c.isspace() for c in self.api_key):
-            out.append("api_key: must not contain whitespace")
-        check_str("host")
-        check_int("port", 1, 65535)
-        check_int("n_ctx", 0)
-        check_int("n_predict", -2)
-        check_int("n_parallel", 1)
-        check_int("n_gpu_layers", -1)
-        check_int("threads", -1)
-        check_int("threads_batch", -1)
-        check_int("batch_size", 1)
-        check_int("ubatch_size", 1)
-        check_str("flash_attn", FLASH_ATTN_VALUES)
-        for name in ("cont_batching", "mlock", "mmap", "jinja", "slots", "webui"):
-            check_bool(name, optional=True)
-        for name in ("embeddings", "reranking", "metrics", "verbose"):
-            check_bool(name, optional=False)
-        check_str("cache_type_k", CACHE_TYPES)
-        check_str("cache_type_v", CACHE_TYPES)
-        check_int("seed", -1, 2**32 - 1)
-        check_str("chat_template")
-        if self.chat_template_file is not None and not isinstance(self.chat_template_file, Path):
-            out.append(f"chat_template_file: expected a path, got {self.chat_template_file!r}")
-        if self.chat_template is not None and self.chat_template_file is not None:
-            out.append("chat_template, chat_template_file: give one of them, not both")
-        check_str("pooling", POOLING_TYPES)
-        if (
-            isinstance(self.batch_size, int)
-            and isinstance(self.ubatch_size, int)
-            and self.ubatch_size > self.batch_size
-        ):
-            out.append(f"ubatch_size: must not exceed batch_size ({self.ubatch_size} > {self.batch_size})")
-        if not isinstance(self.rpc, tuple):
-            out.append(f"rpc: expected a list of host:port strings, got {self.rpc!r}")
-        else:
-            for item in self.rpc:
-                match = _HOST_PORT_RE.match(item) if isinstance(item, str) else None
-                if match is None or not 0 < int(match.group(2)) < 65536:
-                    out.append(f"rpc: {item!r} is not host:port")
-        if not isinstance(self.extra_args, tuple) or not all(isinstance(a, str) for a in self.extra_args):
-            out.append(f"extra_args: expected a list of strings, got {self.extra_args!r}")
-        return out
+        """Every problem with these values, one line each (empty when valid): what the field
+        validators report, run again (:func:`attrs.validate`)."""
+        _found.pop(id(self), None)
+        try:
+            attrs.validate(self)
+        finally:
+            found = _found.pop(id(self), [])
+        return found
 
     # -- argv ---------------------------------------------------------------------------------
 
@@ -288,18 +375,31 @@ class LlamaServerArgs:
 
         :raises ConfigError: naming every bad or unknown key.
         """
-        from ._convert import structure_args
-
-        return structure_args(data)
+        if not isinstance(data, Mapping):
+            raise ConfigError([f"config: expected a mapping, got {type(data).__name__}"])
+        known = {f.name for f in attrs.fields(cls)}
+        problems = [f"{key}: unknown setting (known: {', '.join(sorted(known))})" for key in data if key not in known]
+        if "model" not in data:
+            problems.append("model: required")
+        if problems:
+            raise ConfigError(problems)
+        return _structure(dict(data), cls)
 
     def to_dict(self, *, include_secrets: bool = False) -> dict[str, Any]:
-        """A plain JSON-ready mapping of the fields that are set.
+        """A plain JSON-ready mapping of the fields that differ from their defaults.
 
         :param include_secrets: include ``api_key`` as it is; by default it is replaced by ``"***"``.
         """
-        from ._convert import unstructure_args
-
-        return unstructure_args(self, include_secrets=include_secrets)
+        raw = _converter().unstructure(self)
+        out: dict[str, Any] = {}
+        for field in attrs.fields(type(self)):
+            value = raw[field.name]
+            if field.default is not attrs.NOTHING and getattr(self, field.name) == field.default:
+                continue
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        if "api_key" in out and not include_secrets:
+            out["api_key"] = "***"
+        return out
 
     @classmethod
     def from_env(cls, prefix: str = "LLAMA_PROC_", environ: Mapping[str, str] | None = None) -> LlamaServerArgs:
@@ -310,9 +410,23 @@ class LlamaServerArgs:
 
         :raises ConfigError: naming every bad variable.
         """
-        from ._convert import args_from_env
-
-        return args_from_env(prefix, os.environ if environ is None else environ)
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            key = prefix + field.name.upper()
+            if key in env:
+                data[field.name] = text_value(field.name, env[key], key)
+        if "model" not in data:
+            raise ConfigError([f"{prefix}MODEL: required (the path of the .gguf model)"])
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:  # "n_ctx: ..." -> "{prefix}N_CTX: ..."
+            raise ConfigError(
+                [
+                    prefix + p.split(":", 1)[0].upper() + ":" + p.split(":", 1)[1] if ":" in p else p
+                    for p in exc.problems
+                ]
+            ) from None
 
 
 def _load_mode(mmap: bool | None, mlock: bool | None) -> str | None:
@@ -321,3 +435,106 @@ def _load_mode(mmap: bool | None, mlock: bool | None) -> str | None:
     if mlock:
         return "mlock" if mmap is False else "mmap+mlock"
     return "none" if mmap is False else "mmap"
+
+
+# -- plain data <-> configs: the one cattrs converter --------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+def text_value(name: str, value: str, where: str) -> Any:
+    """A setting given as text (an environment variable, an INI value) as :meth:`LlamaServerArgs.from_dict`
+    takes it: ``rpc`` split at commas, ``extra_args`` split like a shell command line, any other as it is
+    (the converter parses numbers and booleans). ``where`` names the setting in a problem."""
+    if name == "rpc":
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if name == "extra_args":
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            raise ConfigError([f"{where}: cannot be split like a command line ({exc})"]) from None
+    return value
+
+
+def _structure_bool(value: Any, _type: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ValueError(f"expected a boolean (true/false, yes/no, on/off, 1/0), got {value!r}")
+
+
+def _structure_int(value: Any, _type: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        return int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _structure_str(value: Any, _type: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"expected a string, got {value!r}")
+
+
+def _structure_path(value: Any, _type: Any) -> Path:
+    if isinstance(value, (str, Path)):
+        return Path(value)
+    raise ValueError(f"expected a path, got {value!r}")
+
+
+@functools.cache
+def _converter() -> cattrs.Converter:
+    import cattrs  # loaded with the first conversion, not with the package
+
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(bool, _structure_bool)
+    conv.register_structure_hook(int, _structure_int)
+    conv.register_structure_hook(str, _structure_str)
+    conv.register_structure_hook(Path, _structure_path)
+    conv.register_unstructure_hook(Path, str)
+    return conv
+
+
+def _structure(data: dict[str, Any], cls: type[LlamaServerArgs]) -> LlamaServerArgs:
+    """``data`` (known keys only) -> ``cls``, every problem reported at once as a :class:`ConfigError`."""
+    import cattrs
+
+    try:
+        return _converter().structure(data, cls)
+    except ConfigError:  # from the validators: already one line per problem
+        raise
+    except cattrs.BaseValidationError as exc:
+        # the values were parsed but the validators refused them: cattrs hands on their ConfigError
+        # as the one error of the class
+        refused = [problem for error in exc.exceptions if isinstance(error, ConfigError) for problem in error.problems]
+        if refused:
+            raise ConfigError(refused) from None
+        raise ConfigError(_parse_problems(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(_parse_problems(exc)) from None
+
+
+def _parse_problems(exc: BaseException) -> list[str]:
+    """The problems cattrs found parsing values, one line each, named by setting."""
+    import cattrs
+
+    problems = []
+    for message in cattrs.transform_error(exc, path=""):
+        # "invalid value for type, expected int @ $.n_ctx" -> "n_ctx: invalid value ..."
+        text, _, where = message.rpartition(" @ ")
+        key = where.lstrip("$").lstrip(".") or "config"
+        problems.append(f"{key}: {text}" if text else message)
+    return problems

@@ -237,7 +237,8 @@ class LockTimeout(LlamaProcError, TimeoutError):
 
 
 def display_model_path(path: str | os.PathLike[str]) -> str:
-    """Show a model path as the seed does: inside a Hugging Face cache, relative to ``$HF_HOME``."""
+    """A model path for messages: one inside the Hugging Face hub cache is shown relative to
+    ``$HF_HOME`` (``$HF_HOME/hub/models--org--name/...``), any other as it is."""
     text = os.fspath(path)
     hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
     hub = os.path.join(hf_home, "hub") + os.sep
@@ -384,9 +385,6 @@ class ModelNotRegistered(LlamaProcError, KeyError):
 
     def _kwargs(self) -> dict[str, Any]:
         return {"alias": self.alias, "known": self.known}
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class ServerBusy(LlamaProcError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -219,10 +220,10 @@ class ServerManager:
         except OSError as exc:
             raise ConfigError([f"{file}: cannot be read ({exc.strerror})"]) from None
         if file.suffix == ".toml":
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ImportError:  # pragma: no cover - Python < 3.11
-                import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
+            else:  # pragma: no cover - Python < 3.11
+                import tomli as tomllib
             try:
                 data = tomllib.loads(text)
             except ValueError as exc:

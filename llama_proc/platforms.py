@@ -1,7 +1,7 @@
 """Platform facts: target triples, variants and executable names.
 
-Targets are named as Rust names them (``x86_64-unknown-linux-gnu``), the names the
-``bin/{target}/{variant}/`` layout of llama.cpp server managers commonly uses.
+Targets are named as Rust names them (``x86_64-unknown-linux-gnu``); those names are the ``{target}``
+folders of the ``bin/{target}/{variant}/`` layout where executables are installed.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ import atexit
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any, Mapping, Sequence
 
 from . import _registry
+from ._kill import kill_group
 from .errors import IoError, StartupError
 
 __all__ = ["ServerProcess", "parse_log_line"]
@@ -257,7 +257,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# killing: the one place that stops processes
+# stopping
 
 
 #: Seconds after SIGTERM before a second one. llama-server stops in milliseconds when idle, and
@@ -270,24 +270,9 @@ _SECOND_SIGNAL_AFTER = 1.0
 def _terminate(
     popen: subprocess.Popen[bytes], pumps: Sequence[threading.Thread], timeout: float, hurry: threading.Event
 ) -> int:
-    """SIGTERM the process group, a second SIGTERM if it still runs after a moment, SIGKILL after
-    ``timeout``; join the pumps; return the exit code."""
-    if popen.poll() is None:
-        _signal_group(popen, signal.SIGTERM if _POSIX else None)
-        grace = min(_SECOND_SIGNAL_AFTER, timeout / 2)
-        try:
-            popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            if _POSIX:
-                _log.info("pid %d still runs %.3g s after SIGTERM; sending a second one", popen.pid, grace)
-                _signal_group(popen, signal.SIGTERM)
-            try:
-                popen.wait(timeout - grace)
-            except subprocess.TimeoutExpired:
-                _log.warning("pid %d did not stop within %.3g s of SIGTERM; killing it", popen.pid, timeout)
-                _signal_group(popen, signal.SIGKILL if _POSIX else None)
-                popen.wait()
-    # A process already reaped is not signalled again: its pid may belong to another process by now.
+    """Stop the process group (SIGTERM, a second SIGTERM if it still runs after a moment, SIGKILL after
+    ``timeout``: :func:`kill_group`), join the pumps, forget the process; return the exit code."""
+    kill_group(popen, timeout, second_term_after=_SECOND_SIGNAL_AFTER)
     hurry.set()  # batching pumps read the last output and the end of the pipes at once
     for pump in pumps:
         if pump is not threading.current_thread():
@@ -301,16 +286,6 @@ def _terminate(
     _guardian.unregister(popen.pid)
     _registry.forget(popen.pid)
     return popen.returncode
-
-
-def _signal_group(popen: subprocess.Popen[bytes], sig: int | None) -> None:
-    try:
-        if sig is None:  # Windows
-            popen.kill()
-        else:
-            os.killpg(popen.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _finalize(

@@ -31,6 +31,7 @@ __all__ = [
     "api_url",
     "asset_names",
     "fetch_release",
+    "github_session",
     "github_token",
     "release_tag",
 ]
@@ -76,6 +77,10 @@ ASSETS: dict[tuple[str, str], tuple[str, ...]] = {
 PINNED_DIGESTS: dict[str, dict[str, str]] = {}
 
 
+#: Sent with each call of the release API (asset downloads are plain files).
+_API_HEADERS = {"Accept": "application/vnd.github+json"}
+
+
 class Asset(NamedTuple):
     """One downloadable file of a release."""
 
@@ -108,14 +113,20 @@ def asset_names(target: str, variant: str, tag: str) -> list[str]:
     return [name.format(tag=tag) for name in ASSETS.get((target, variant), ())]
 
 
-def _session(token: str | None) -> requests.Session:
+def github_session(token: str | None = None) -> requests.Session:
+    """The one :class:`requests.Session` for GitHub: the release API and the asset downloads.
+
+    It sends ``Authorization: Bearer`` with ``token``, else with :func:`github_token` (an empty
+    ``token`` sends none), and trusts the environment, so proxies apply. Close it when done (it is
+    a context manager).
+    """
     import requests
 
-    session = requests.Session()  # trusts the environment: proxies apply to internet downloads
-    session.headers["Accept"] = "application/vnd.github+json"
+    session = requests.Session()
     session.headers["User-Agent"] = "llama-proc"
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
+    chosen = token if token is not None else github_token()
+    if chosen:
+        session.headers["Authorization"] = f"Bearer {chosen}"
     return session
 
 
@@ -135,9 +146,9 @@ def fetch_release(
 
     url = f"{base_url or api_url()}/repos/{REPOSITORY}/releases/tags/{tag}"
     own = session is None
-    http = session or _session(token if token is not None else github_token())
+    http = session or github_session(token)
     try:
-        response = http.get(url, timeout=(min(timeout, 5.0), timeout))
+        response = http.get(url, headers=_API_HEADERS, timeout=(min(timeout, 5.0), timeout))
     except requests.RequestException as exc:
         raise DownloadError(f"cannot reach the release API at {url}: {type(exc).__name__}") from None
     finally:

@@ -14,7 +14,7 @@ def test_minimal_argv_is_model_and_host_only() -> None:
     assert LlamaServerArgs(model="m.gguf").to_args() == ["--model", "m.gguf", "--host", "127.0.0.1"]
 
 
-def test_seed_order_alias_model_embeddings_key_host_port() -> None:
+def test_argv_order_alias_model_embeddings_key_host_port() -> None:
     args = LlamaServerArgs(model="/m/x.gguf", alias="x", embeddings=True, api_key="k", port=8081)
     assert args.to_args() == [
         "--alias", "x", "--model", "/m/x.gguf", "--embeddings", "--api-key", "k",
@@ -139,6 +139,17 @@ def test_from_dict_unknown_and_bad_keys_all_reported() -> None:
         LlamaServerArgs.from_dict({"alias": "a"})
 
 
+def test_from_dict_reports_what_the_validators_refuse() -> None:
+    with pytest.raises(ConfigError) as info:
+        LlamaServerArgs.from_dict({"model": "m", "port": 0, "pooling": "max"})
+    assert info.value.problems == [
+        "port: must be between 1 and 65535, got 0",
+        "pooling: 'max' is not one of none, mean, cls, last, rank",
+    ]
+    with pytest.raises(ConfigError, match="APP_PORT: must be between 1 and 65535"):
+        LlamaServerArgs.from_env("APP_", {"APP_MODEL": "m", "APP_PORT": "0"})
+
+
 def test_from_env() -> None:
     env = {
         "APP_MODEL": "/models/m.gguf", "APP_N_CTX": "2048", "APP_EMBEDDINGS": "yes", "APP_JINJA": "off",
@@ -152,3 +163,75 @@ def test_from_env() -> None:
         LlamaServerArgs.from_env("APP_", {"APP_MODEL": "m", "APP_N_CTX": "big"})
     with pytest.raises(ConfigError, match="APP_MODEL: required"):
         LlamaServerArgs.from_env("APP_", {})
+
+
+def test_every_field_carries_its_validator() -> None:
+    assert [f.name for f in attrs.fields(LlamaServerArgs) if f.validator is None] == []
+
+
+def test_evolve_validates_and_lists_every_problem() -> None:
+    args = LlamaServerArgs(model="m", batch_size=64)
+    for evolve in (args.evolve, lambda **changes: attrs.evolve(args, **changes)):
+        with pytest.raises(ConfigError) as info:
+            evolve(port=0, ubatch_size=128, pooling="max")
+        assert info.value.problems == [
+            "port: must be between 1 and 65535, got 0",
+            "ubatch_size: must not exceed batch_size (128 > 64)",
+            "pooling: 'max' is not one of none, mean, cls, last, rank",
+        ]
+    assert args.evolve(port=8080).port == 8080
+
+
+def test_problems_of_a_valid_instance_and_nothing_left_behind() -> None:
+    from llama_proc import config
+
+    assert LlamaServerArgs(model="m", port=1).problems() == []
+    with pytest.raises(ConfigError, match="give one of them"):
+        LlamaServerArgs(model="m", chat_template="x", chat_template_file="t.jinja")
+    with pytest.raises(ConfigError):
+        LlamaServerArgs(model="", api_key="a b", seed=2**32)
+    assert config._found == {}  # what the validators found went with the error
+
+
+def test_problems_of_concurrent_constructions_stay_apart() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def build(port: int) -> list[str]:
+        try:
+            LlamaServerArgs(model="m", port=port, n_ctx=-port)
+        except ConfigError as exc:
+            return exc.problems
+        return []
+
+    with ThreadPoolExecutor(8) as pool:
+        for port, problems in zip(range(70_000, 72_000), pool.map(build, range(70_000, 72_000))):
+            assert problems == [
+                f"port: must be between 1 and 65535, got {port}",
+                f"n_ctx: must be >= 0, got {-port}",
+            ]
+
+
+def test_text_settings_of_an_ini_section() -> None:
+    from llama_proc._convert import args_from_strings
+
+    args = args_from_strings({"model": "m.gguf", "n_ctx": "512", "jinja": "yes", "rpc": "h:1,h:2"}, "chat.")
+    assert (args.n_ctx, args.jinja, args.rpc) == (512, True, ("h:1", "h:2"))
+    with pytest.raises(ConfigError) as info:
+        args_from_strings({"model": "m.gguf", "n_ctx": "big", "extra_args": "'unclosed"}, "chat.")
+    assert info.value.problems == ["chat.extra_args: cannot be split like a command line (No closing quotation)"]
+    with pytest.raises(ConfigError) as info:
+        args_from_strings({"model": "m.gguf", "n_ctx": "big"}, "chat.")
+    assert [p.split(":")[0] for p in info.value.problems] == ["chat.n_ctx"]
+    with pytest.raises(ConfigError) as info:
+        args_from_strings({"model": "m.gguf", "port": "0", "pooling": "max"}, "chat.")
+    assert [p.split(":")[0] for p in info.value.problems] == ["chat.port", "chat.pooling"]
+
+
+def test_config_imports_only_errors_of_llama_proc() -> None:
+    import ast
+
+    from llama_proc import config
+
+    tree = ast.parse(Path(config.__file__).read_text(encoding="utf-8"))
+    own = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    assert own == {"errors"}

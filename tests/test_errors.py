@@ -43,6 +43,7 @@ SAMPLES: list[LlamaProcError] = [
     errors.ServerAlreadyRunning(123, "http://127.0.0.1:8080"),
     errors.APIStreamError(500, {"error": {"message": "oops"}}),
     errors.InvalidRequest("header 'X': no CR, LF or other control characters in header names or values"),
+    errors.ModelNotRegistered("zzz", ["a", "b"]),
 ]
 
 
@@ -55,7 +56,7 @@ def test_pickle_round_trip(exc: LlamaProcError) -> None:
     assert again.code == exc.code
 
 
-def test_seed_codes_and_messages() -> None:
+def test_codes_and_messages() -> None:
     assert ServerNotReady().code == "server_error-server_not_ready"
     assert str(ServerNotReady()) == "Model server is starting up. Please wait and try again."
     assert ServerNotReady().http_status == 503
@@ -69,6 +70,14 @@ def test_seed_codes_and_messages() -> None:
     assert str(ModelNotFound("/x.gguf")) == "Model file does not exist: /x.gguf."
     assert ModelNotFound("/x").http_status == 500
     assert IoError("x").code == "server_error-io_error"
+
+
+def test_model_not_registered_reads_as_its_message() -> None:
+    exc = errors.ModelNotRegistered("zzz", ["a", "b"])
+    assert isinstance(exc, KeyError) and exc.http_status == 404
+    # the message itself, not KeyError's quoted repr of it
+    assert str(exc) == "No model is registered as 'zzz'; known: a, b."
+    assert str(errors.ModelNotRegistered("x", [])) == "No model is registered as 'x'; known: none."
 
 
 def test_builtin_bases() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import responses
 
-from llama_proc import binaries, releases
+from llama_proc import _download, binaries, releases
 from llama_proc.errors import ChecksumMismatch, ConfigError, DownloadError
 from llama_proc.platforms import current_target
 
@@ -81,6 +81,30 @@ def test_fetch_release_reads_digests_and_sends_token(env: Path, monkeypatch: pyt
     assert assets["b.zip"].sha256 is None
     assert len(assets) == 2
     assert responses.calls[0].request.headers["Authorization"] == "Bearer tok123"
+
+
+def test_one_github_session(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with releases.github_session() as session:
+        assert session.headers["User-Agent"] == "llama-proc" and "Authorization" not in session.headers
+    monkeypatch.setenv("GITHUB_TOKEN", "from-env")
+    with releases.github_session() as session:
+        assert session.headers["Authorization"] == "Bearer from-env"
+    with releases.github_session("given") as session:
+        assert session.headers["Authorization"] == "Bearer given"
+    with releases.github_session("") as session:  # an empty token sends none
+        assert "Authorization" not in session.headers
+    assert binaries.ProgressCallback is _download.ProgressCallback  # one progress type, public in binaries
+
+
+@responses.activate
+def test_the_release_api_is_asked_for_json_through_any_session(env: Path) -> None:
+    responses.get(RELEASE_URL, json={"assets": [_asset("a.tar.gz")]})
+    releases.fetch_release(TAG, base_url=API)
+    with releases.github_session("tok") as session:
+        releases.fetch_release(TAG, base_url=API, session=session)
+    for call in responses.calls:
+        assert call.request.headers["Accept"] == "application/vnd.github+json"
+    assert responses.calls[1].request.headers["Authorization"] == "Bearer tok"
 
 
 @responses.activate
