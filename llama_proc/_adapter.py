@@ -1,16 +1,28 @@
 """The requests side of :class:`~llama_proc.LlamaClient`, loaded with the first client.
 
-An adapter bound to exactly one plain-HTTP server: the per-call work of the general adapter (URL
-parsing to pick a pool, proxy and TLS checks, cookie extraction) is done once or not at all, and
-requests go out over :mod:`llama_proc._wire`. urllib3 remains for bodies that are not bytes and
-for code that replaces ``HTTPAdapter.send`` (mocking libraries).
+One urllib3 connection pool per server, shared by the :class:`Adapter` objects of one client. The
+pool and its connections add what llama-server needs and urllib3 leaves to its users:
+
+* a request's header block and a small body go out in one write (one TCP segment instead of two,
+  which spares the server a wake-up and avoids delayed-ACK stalls on fresh connections);
+* a pooled connection idle for :data:`IDLE_LIMIT` seconds is closed before it is used, so a call is
+  never sent on a connection the server is closing at that very moment (its keep-alive ends at 5 s);
+* the pool blocks instead of opening more connections than it holds, so the server's HTTP threads
+  (each held by one keep-alive connection) always outnumber the client's connections;
+* a connection that carried a stream to its end (llama-server closes it then) is replaced at once by
+  a freshly connected one, so the next call does not wait for a connect.
+
+HTTP framing, keep-alive, TLS and retries are urllib3's; :class:`Adapter` only skips the per-call
+work of the general requests adapter that one fixed server does not need (picking a pool by URL,
+proxies, cookies).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
+import time
+from types import TracebackType
 from typing import Any, Mapping
 
 import requests
@@ -18,42 +30,57 @@ from requests import RequestException
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
-from urllib3.connection import HTTPConnection
-from urllib3.connectionpool import HTTPConnectionPool
-from urllib3.exceptions import (
-    ClosedPoolError,
-    ConnectTimeoutError,
-    MaxRetryError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
+from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
-from urllib3.util.timeout import Timeout as Urllib3Timeout
-from urllib3.util.url import parse_url
 
 from ._version import __version__
-from ._wire import ProbeTimeout, WirePool, WireResponse, encode_head
 
-__all__ = ["Adapter", "RequestException", "new_session", "prepare"]
+__all__ = [
+    "IDLE_LIMIT",
+    "TRANSPORT_ERRORS",
+    "Adapter",
+    "RequestException",
+    "keep_spare",
+    "new_adapters",
+    "new_session",
+    "prepare",
+    "read_body",
+]
 
 _SOCKET_OPTIONS = [
     (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
 ]
 
+#: Seconds a pooled connection may stay idle before it is closed instead of reused. llama-server
+#: closes a keep-alive connection after 5 idle seconds; a request sent just then would be lost.
+IDLE_LIMIT = 4.0
 
-class _Connection(HTTPConnection):
-    """Sends a small request body in the same write as the headers: one segment on the wire instead
-    of two, which spares the server a wake-up and avoids delayed-ACK stalls on fresh connections."""
+#: Bodies up to this size are sent in the same write as the header block.
+_COALESCE_LIMIT = 64 * 1024
+
+#: Answers are read at most this many bytes at a time, so a length the server only claims (or a
+#: runaway chunk size) never makes one huge allocation.
+READ_CHUNK = 64 * 1024
+
+#: What sending a request or reading its answer can raise; :func:`~llama_proc._transport.translate_error`
+#: turns each into a :class:`~llama_proc.errors.LlamaProcError`.
+TRANSPORT_ERRORS = (RequestException, HTTPError, OSError, ValueError, OverflowError)
+
+
+class _Coalescing:
+    """Holds back the header block of a request with a small ``bytes`` body and sends both at once."""
 
     _coalesce = False
     _held: bytes | None = None
 
     def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any) -> None:
-        self._coalesce = isinstance(body, (bytes, bytearray)) and 0 < len(body) <= _COALESCE_LIMIT
+        self._coalesce = isinstance(body, bytes) and 0 < len(body) <= _COALESCE_LIMIT
         try:
-            super().request(method, url, body=body, headers=headers, **kwargs)
+            super().request(method, url, body=body, headers=headers, **kwargs)  # type: ignore[misc]
         finally:
             self._coalesce = False
             self._held = None
@@ -64,229 +91,183 @@ class _Connection(HTTPConnection):
                 self._held = bytes(data)  # the header block: wait for the body
                 return
             data, self._held, self._coalesce = self._held + bytes(data), None, False
-        super().send(data)
+        super().send(data)  # type: ignore[misc]
 
 
-_COALESCE_LIMIT = 256 * 1024
+class _Connection(_Coalescing, HTTPConnection):
+    pass
 
 
-class _Pool(HTTPConnectionPool):
-    """A pool that drops connections marked as not reusable instead of keeping them."""
+class _TLSConnection(_Coalescing, HTTPSConnection):
+    pass
 
-    ConnectionCls = _Connection
+
+class _PoolBehaviour:
+    """Idle connections are closed before reuse; a connection that ended a stream is replaced by a
+    connected spare (see the module docstring). Mixed into urllib3's pools."""
+
+    #: seconds a caller waits for a free connection when every one is in use (None: no limit)
+    wait_timeout: float | None = None
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(self.wait_timeout if timeout is None else timeout)  # type: ignore[misc]
+        idle_since = getattr(conn, "_llama_proc_idle_since", None)
+        if idle_since is not None and conn.sock is not None and time.monotonic() - idle_since > IDLE_LIMIT:
+            conn.close()  # reconnected when the request goes out
+        return conn
 
     def _put_conn(self, conn: Any) -> None:
-        if conn is not None and getattr(conn, "_llama_proc_discard", False):
+        if conn is not None:
+            if getattr(conn, "_llama_proc_spare", False):
+                conn.close()
+                conn = self._spare()
+            if conn is not None:
+                conn._llama_proc_idle_since = time.monotonic()
+        super()._put_conn(conn)  # type: ignore[misc]
+
+    def _spare(self) -> Any:
+        if getattr(self, "pool", None) is None:  # the pool was closed
+            return None
+        conn = self._new_conn()  # type: ignore[attr-defined]
+        try:
+            conn.connect()
+        except OSError:
             conn.close()
-            conn = None  # keeps the slot: the next request opens a fresh connection
-        super()._put_conn(conn)
+            return None
+        return conn
+
+
+class _Pool(_PoolBehaviour, HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(_PoolBehaviour, HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class _Retry(Retry):
+    """urllib3's Retry, except that a read error is retried only when the connection died before
+    any answer (closed or reset as the request went out, typically a keep-alive connection the
+    server closed at that moment): never after a read timeout, where the server may still be working
+    on the request, nor after a broken answer."""
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> _Retry:
+        if isinstance(error, ReadTimeoutError) or (isinstance(error, ProtocolError) and not _died_unanswered(error)):
+            raise error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+def _died_unanswered(error: ProtocolError) -> bool:
+    cause = error.args[1] if len(error.args) > 1 else None
+    return isinstance(cause, (ConnectionResetError, BrokenPipeError))  # RemoteDisconnected included
+
+
+def _retries(connect: int) -> Retry:
+    """Connection attempts that never reached the server are retried ``connect`` times; a GET or HEAD
+    whose connection broke before any answer is sent once more; nothing else is ever resent."""
+    return _Retry(
+        total=None,
+        connect=connect,
+        read=1,
+        status=0,
+        other=0,
+        redirect=0,
+        allowed_methods=frozenset(("GET", "HEAD")),
+        backoff_factor=0.05,
+        raise_on_status=False,
+        raise_on_redirect=False,
+    )
 
 
 class Adapter(HTTPAdapter):
-    """An adapter for exactly one plain-HTTP server: :meth:`send` goes straight to the one pool, so
-    the per-call work of the general adapter (URL parsing to pick a pool, proxy and TLS checks,
-    cookie extraction) is done once or not at all."""
+    """A requests adapter for exactly one server, over a pool made by :func:`new_adapters`.
 
-    def __init__(self, base_url: str, pool_maxsize: int, max_retries: Retry) -> None:
-        super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=max_retries)
-        self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme, "http": _Pool}
-        self._pool = self.poolmanager.connection_from_url(base_url)
-        url = parse_url(base_url)
-        if url.scheme != "http" or not url.host:
-            raise ValueError(f"not a plain-HTTP base URL: {base_url!r}")
-        retries = max_retries.connect if max_retries.connect is not None else max_retries.total
-        self._wire = WirePool(
-            url.host.strip("[]"), url.port or 80, pool_maxsize, int(retries or 0), max_retries.backoff_factor
-        )
+    :meth:`send` is requests' own; the hooks it calls are cheap here: the pool is fixed, TLS settings
+    were applied to it once, the request target is the one :func:`prepare` computed, and no cookies
+    are extracted.
+    """
 
-    @property
-    def probe_path(self) -> str | None:
-        """The path a new connection is probed with (see :class:`~llama_proc.LlamaClient`)."""
-        return self._wire.probe_path
+    def __init__(self, pool: HTTPConnectionPool, max_retries: Retry) -> None:
+        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=max_retries)
+        self.pool = pool
 
-    @probe_path.setter
-    def probe_path(self, path: str | None) -> None:
-        self._wire.probe_path = path
+    def get_connection_with_tls_context(
+        self, request: requests.PreparedRequest, verify: Any, proxies: Any = None, cert: Any = None
+    ) -> HTTPConnectionPool:
+        return self.pool
 
-    def close(self) -> None:
-        """Close the pools' idle connections now (clearing a PoolManager only forgets its pools)."""
-        super().close()
-        self._pool.close()
-        self._wire.close()
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        pass  # applied to the pool when it was made
 
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
-        pool_kwargs.setdefault("socket_options", _SOCKET_OPTIONS)
-        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+    def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
+        target: str | None = getattr(request, "_llama_proc_target", None)
+        return target or request.path_url
 
-    def send(
-        self,
-        request: requests.PreparedRequest,
-        stream: bool = False,
-        timeout: Any = None,
-        verify: Any = True,
-        cert: Any = None,
-        proxies: Any = None,
-    ) -> requests.Response:
-        """Send over the lean transport of :mod:`llama_proc._wire`; a non-streamed body is read in
-        one go. A body that is not bytes (a file, a generator) goes through urllib3 instead, and
-        where ``HTTPAdapter.send`` has been replaced (for example by the ``responses`` mocking
-        library) that replacement is used."""
-        if HTTPAdapter.send is not _BASE_SEND:
-            return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
-        body = request.body
-        if body is not None and not isinstance(body, bytes):
-            return self._send_urllib3(request, stream, timeout)
-        method = request.method or "GET"
-        target = getattr(request, "_llama_proc_target", None) or request.path_url
-        head = encode_head(method, target, self._wire.host_header, request.headers)  # InvalidRequest: caller's mistake
-        data = head + body if body else head
-        connect_timeout, read_timeout = _timeout_pair(timeout)
-        url = request.url or ""
-        retry_stale = method in _IDEMPOTENT
-        while True:
-            try:
-                conn, reused = self._wire.get(connect_timeout, not stream, read_timeout)
-            except ProbeTimeout as exc:
-                raise requests.exceptions.ReadTimeout(f"Read timed out. ({exc})", request=request) from None
-            except TimeoutError as exc:
-                raise requests.exceptions.ConnectTimeout(exc, request=request) from None
-            except (OSError, ClosedPoolError) as exc:
-                raise requests.exceptions.ConnectionError(exc, request=request) from None
-            try:
-                conn.set_timeout(read_timeout)
-                conn.sock.sendall(data)
-                raw = WireResponse(self._wire, conn, method, url, read_timeout)
-                content = None if stream else raw.read_all()
-                break
-            except TimeoutError:
-                conn.close()
-                raise requests.exceptions.ReadTimeout(
-                    f"Read timed out. (read timeout={read_timeout})", request=request
-                ) from None
-            except (ProtocolError, OSError) as exc:
-                conn.close()
-                # a reused connection the server closed just as the request went out: an
-                # idempotent request is sent once more on a fresh connection
-                if reused and retry_stale and _never_answered(exc):
-                    retry_stale = False
-                    continue
-                if isinstance(exc, OSError):
-                    exc = ProtocolError("Connection aborted.", exc)
-                raise requests.exceptions.ConnectionError(exc, request=request) from None
-        response = self.build_response(request, raw)
-        if content is not None:
-            response._content = content
-            response._content_consumed = True  # type: ignore[attr-defined]
-        return response
-
-    def _send_urllib3(self, request: requests.PreparedRequest, stream: bool, timeout: Any) -> requests.Response:
-        try:
-            raw = self._pool.urlopen(
-                method=request.method,
-                url=request.path_url,
-                body=request.body,
-                headers=request.headers,
-                redirect=False,
-                assert_same_host=False,
-                preload_content=not stream,
-                decode_content=False,
-                retries=self.max_retries,
-                timeout=_timeout_of(timeout),
-                chunked=False,
-            )
-        except MaxRetryError as exc:
-            if isinstance(exc.reason, ConnectTimeoutError) and not isinstance(exc.reason, NewConnectionError):
-                raise requests.exceptions.ConnectTimeout(exc, request=request) from None
-            raise requests.exceptions.ConnectionError(exc, request=request) from None
-        except ReadTimeoutError as exc:
-            raise requests.exceptions.ReadTimeout(exc, request=request) from None
-        except (ProtocolError, ClosedPoolError, OSError) as exc:
-            raise requests.exceptions.ConnectionError(exc, request=request) from None
-        if stream:
-            connection = getattr(raw, "_connection", None)
-            if connection is not None:
-                connection._llama_proc_discard = True  # see WireResponse: streams are not reused
-        response = self.build_response(request, raw)
-        if not stream:
-            response._content = raw.data
-            response._content_consumed = True  # type: ignore[attr-defined]
-        return response
-
-    def build_response(self, req: Any, resp: Any) -> requests.Response:
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
         response = requests.Response()
         response.status_code = resp.status
         response.headers = CaseInsensitiveDict(resp.headers)
         response.encoding = get_encoding_from_headers(response.headers)
         response.raw = resp
         response.reason = resp.reason
-        response.url = req.url
+        response.url = req.url or ""
         response.request = req
         response.connection = self
         return response
 
-
-_IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS"))
-
-
-def _never_answered(exc: BaseException) -> bool:
-    """True for a failure that shows the server read nothing of the request: the connection was
-    reset or closed before a single byte of an answer."""
-    if isinstance(exc, ProtocolError):
-        return exc.args[:1] == ("Connection aborted.",)
-    return isinstance(exc, (ConnectionResetError, BrokenPipeError))
+    def close(self) -> None:
+        """Close the pool's idle connections now (connections in use close when they come back)."""
+        super().close()
+        self.pool.close()
 
 
-def _timeout_pair(timeout: Any) -> tuple[float | None, float | None]:
-    if isinstance(timeout, tuple):
-        return timeout[0], timeout[1]
-    return timeout, timeout
+def new_adapters(
+    base_url: str,
+    pool_maxsize: int,
+    connect_retries: int,
+    *,
+    verify: bool | str = True,
+    cert: str | tuple[str, str] | None = None,
+    wait_timeout: float | None = None,
+) -> tuple[Adapter, Adapter]:
+    """Two adapters over one new blocking pool of ``pool_maxsize`` connections to ``base_url``: one
+    for calls (retries as :func:`_retries` says) and one for readiness probes (no retries, so a
+    server that is not listening yet answers at once).
+
+    ``verify`` and ``cert`` mean what they mean to requests (https only).
+    """
+    maker = HTTPAdapter(pool_connections=1, pool_maxsize=pool_maxsize, pool_block=True)
+    manager = maker.poolmanager
+    manager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+    manager.connection_pool_kw["socket_options"] = _SOCKET_OPTIONS
+    probe_request = requests.PreparedRequest()
+    probe_request.prepare(method="GET", url=base_url)
+    # requests' own TLS settings for verify= and cert=, applied once to the pool
+    pool = maker.get_connection_with_tls_context(probe_request, verify, cert=cert)
+    maker.cert_verify(pool, base_url, verify, cert)  # type: ignore[no-untyped-call]
+    assert isinstance(pool, (_Pool, _TLSPool))
+    pool.wait_timeout = wait_timeout
+    return Adapter(pool, _retries(connect_retries)), Adapter(pool, Retry(0, read=False, redirect=False))
 
 
-_BASE_SEND = HTTPAdapter.send
-_timeouts: dict[Any, Urllib3Timeout] = {}
-
-
-def _timeout_of(timeout: Any) -> Urllib3Timeout:
-    """A urllib3 Timeout for a number, a (connect, read) pair or None; the few distinct ones are cached."""
-    try:
-        return _timeouts[timeout]
-    except (KeyError, TypeError):
-        pass
-    if isinstance(timeout, tuple):
-        connect, read = timeout
-        made = Urllib3Timeout(connect=connect, read=read)
-    else:
-        made = Urllib3Timeout(connect=timeout, read=timeout)
-    if len(_timeouts) < 64:
-        with contextlib.suppress(TypeError):
-            _timeouts[timeout] = made
-    return made
-
-
-def new_session(
-    base_url: str, api_key: str | None, pool_maxsize: int, connect_retries: int
-) -> tuple[requests.Session, Adapter]:
-    """A Session that ignores the environment, with one :class:`Adapter` mounted on ``base_url``."""
+def new_session(api_key: str | None) -> requests.Session:
+    """A Session that ignores the environment (proxies, ``.netrc``), with llama_proc's headers."""
     session = requests.Session()
     session.trust_env = False
     session.headers.update({"User-Agent": f"llama-proc/{__version__}", "Accept": "application/json"})
-    del session.headers["Accept-Encoding"]  # llama-server does not compress; skip the decoder
+    del session.headers["Accept-Encoding"]  # llama-server does not compress (an answer that is, is decoded)
     del session.headers["Connection"]  # keep-alive is HTTP/1.1's default
     if api_key:
         session.headers["Authorization"] = f"Bearer {api_key}"
-    retry = Retry(
-        total=connect_retries,
-        connect=connect_retries,
-        read=0,
-        status=0,
-        other=0,
-        redirect=0,
-        backoff_factor=0.05,
-        raise_on_status=False,
-    )
-    adapter = Adapter(base_url, pool_maxsize, retry)
-    session.mount(base_url + "/", adapter)
-    return session, adapter
+    return session
 
 
 def prepare(
@@ -325,3 +306,24 @@ def prepare(
     request.headers = hdrs
     request.hooks = {"response": []}
     return request
+
+
+def read_body(raw: BaseHTTPResponse) -> bytes:
+    """The whole (decoded) body of an answer, read :data:`READ_CHUNK` bytes at a time."""
+    remaining = raw.length_remaining
+    if remaining is not None and remaining <= READ_CHUNK:
+        return raw.read(decode_content=True)
+    parts: list[bytes] = []
+    while True:
+        part = raw.read(READ_CHUNK, decode_content=True)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+
+
+def keep_spare(response: requests.Response) -> None:
+    """Mark the connection of a stream that reached its end: when it comes back to the pool, a
+    freshly connected one takes its place (llama-server closes a connection after a stream)."""
+    conn = getattr(response.raw, "connection", None)
+    if conn is not None:
+        conn._llama_proc_spare = True

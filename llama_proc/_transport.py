@@ -1,21 +1,60 @@
-"""The one place that maps requests/urllib3 transport errors to llama_proc errors."""
+"""The one place that turns requests/urllib3 transport failures into llama_proc errors."""
 
 from __future__ import annotations
 
-from .errors import APIConnectionError, APITimeoutError
+from typing import Iterator
+
+from .errors import APIConnectionError, APITimeoutError, InvalidRequest
+
+__all__ = ["translate_error"]
 
 
-def translate_error(exc: BaseException, url: str, hint: str = "") -> APIConnectionError:
-    """A transport failure as :class:`APIConnectionError` (or :class:`APITimeoutError`)."""
+def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bool = False) -> Exception:
+    """A transport failure as a :class:`~llama_proc.errors.LlamaProcError`.
+
+    :param sending: True when ``exc`` was raised before any answer was read: a ``ValueError`` then
+        means the request itself could not be encoded (a control character in its path or a
+        header), which is the caller's mistake, not the server's.
+    :returns: :class:`APITimeoutError` for a timeout, :class:`InvalidRequest` for a request that
+        could not be sent, :class:`APIConnectionError` for everything else (a refused or broken
+        connection, an answer that breaks HTTP); ``exc`` itself when it is none of these.
+    """
     import requests
+    import urllib3.exceptions as u3
 
     suffix = f" ({hint})" if hint else ""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
+    connect_timeout = _caused_by(exc, u3.ConnectTimeoutError) and not _caused_by(exc, u3.NewConnectionError)
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or connect_timeout:
         return APITimeoutError(f"could not connect in time{suffix}", url)
-    if isinstance(exc, requests.exceptions.ReadTimeout) or "Read timed out" in str(exc):
+    if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)) or _caused_by(exc, u3.ReadTimeoutError):
         return APITimeoutError(f"no answer within the read timeout{suffix}", url)
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        inner = exc.args[0] if exc.args else exc
-        reason = getattr(inner, "reason", inner)
-        return APIConnectionError(f"{type(reason).__name__}: {reason}{suffix}", url)
-    return APIConnectionError(f"{exc}{suffix}", url)
+    if isinstance(exc, u3.EmptyPoolError):
+        return APITimeoutError(f"every pooled connection stayed busy; no connection was free in time{suffix}", url)
+    if sending and isinstance(exc, ValueError) and not isinstance(exc, requests.RequestException):
+        return InvalidRequest(f"{exc}; nothing was sent")
+    if isinstance(exc, (requests.RequestException, u3.HTTPError, OSError, ValueError, OverflowError)):
+        return APIConnectionError(f"{_describe(exc)}{suffix}", url)
+    return exc if isinstance(exc, Exception) else APIConnectionError(repr(exc), url)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps, outermost first (requests wraps urllib3, urllib3 wraps sockets)."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return
+        yield current
+        inner = getattr(current, "reason", None)
+        if not isinstance(inner, BaseException) and current.args and isinstance(current.args[0], BaseException):
+            inner = current.args[0]
+        current = inner if isinstance(inner, BaseException) else None
+
+
+def _caused_by(exc: BaseException, cls: type[BaseException]) -> bool:
+    return any(isinstance(link, cls) for link in _chain(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost reason, named by its type: ``ConnectionRefusedError: [Errno 111] ...``."""
+    *_, innermost = _chain(exc)
+    return f"{type(innermost).__name__}: {innermost}"

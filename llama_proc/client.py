@@ -4,17 +4,16 @@ Design points:
 
 * ``trust_env=False``: a user's ``HTTP_PROXY``/``ALL_PROXY``/``.netrc`` never captures loopback calls
   (and skipping those lookups is most of what makes a default Session slow per call).
-* One :class:`~requests.adapters.HTTPAdapter` mounted on exactly the server's base URL. It sends
-  over a lean HTTP/1.1 transport (:mod:`llama_proc._wire`) with a keep-alive pool sized for
-  concurrent threads, ``TCP_NODELAY`` and ``SO_KEEPALIVE``: ``http.client``'s per-call Python time
-  would otherwise cap the throughput of many threads.
-* New connections are probed before their first call, and a spare one follows each stream (see
-  ``probe_path`` and :meth:`~llama_proc._wire.WirePool.replenish`).
-* Only what never reached the server is retried (connection attempts, and a GET whose reused
-  connection died unanswered); a generation is never sent twice.
+* One :class:`~requests.adapters.HTTPAdapter` subclass mounted on exactly the server's base URL, over
+  one blocking urllib3 pool with ``TCP_NODELAY`` and ``SO_KEEPALIVE`` (see :mod:`llama_proc._adapter`
+  for what the pool adds for llama-server: idle connections closed before the server closes them,
+  and a connected spare after each stream).
+* Only what never reached the server is retried (connection attempts, and a GET whose connection
+  broke before any answer); a generation is never sent twice, and nothing is resent after a read
+  timeout.
 * Timeouts are ``(connect, read)``; the read timeout is between bytes, which suits streams.
-* All transport errors are translated in :func:`translate_error`; every status >= 400 becomes a typed
-  :class:`~llama_proc.errors.APIStatusError` with the server's body attached.
+* All transport errors are translated in :func:`~llama_proc._transport.translate_error`; every
+  status >= 400 becomes a typed :class:`~llama_proc.errors.APIStatusError` with the server's body.
 """
 
 from __future__ import annotations
@@ -23,15 +22,17 @@ import contextlib
 import json as _json
 import os
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Union, cast
 from urllib.parse import urlsplit
 
 from ._transport import translate_error
-from .errors import make_status_error
+from .errors import APITimeoutError, ConfigError, make_status_error
 from .streaming import Stream
 
 if TYPE_CHECKING:
     import requests
+
+    from . import _adapter as _adapter_module
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -86,7 +87,11 @@ class Endpoints:
         self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
     ) -> requests.Response:
         """One request; a status >= 400 raises the matching :class:`~llama_proc.errors.APIStatusError`."""
-        response = self._http()._send_raw(method, path, body, stream=stream, timeout=timeout)
+        try:
+            response = self._http()._send_raw(method, path, body, stream=stream, timeout=timeout)
+        except APITimeoutError:
+            self._on_timeout(path)
+            raise
         if response.status_code >= 400:
             try:
                 error_body = _body_of(response)
@@ -94,6 +99,10 @@ class Endpoints:
                 response.close()
             raise make_status_error(response.status_code, error_body, response.url)
         return response
+
+    def _on_timeout(self, path: str) -> None:
+        """Called when a call or a stream to ``path`` got no answer within its read timeout (a
+        supervised server takes that as a sign that it hangs)."""
 
     def forward(
         self,
@@ -132,9 +141,15 @@ class Endpoints:
 
     def _maybe_stream(self, path: str, request: Mapping[str, Any], timeout: Timeout | object) -> Any:
         if request.get("stream"):
+            response = self._call("POST", path, request, stream=True, timeout=timeout)
             http = self._http()
-            response = http._call("POST", path, request, stream=True, timeout=timeout)
-            return Stream(response, url=response.url, error_hint=http._error_hint)
+            return Stream(
+                response,
+                url=response.url,
+                error_hint=http._error_hint,
+                on_done=lambda: http._http_layer.keep_spare(response),
+                on_timeout=lambda: self._on_timeout(path),
+            )
         return self._json("POST", path, request, timeout)
 
     # -- generation ---------------------------------------------------------------------------
@@ -205,16 +220,18 @@ class Endpoints:
 class LlamaClient(Endpoints):
     """A client for one llama-server at ``base_url``.
 
-    :param base_url: ``http://host:port`` of the server.
+    :param base_url: ``http://host:port`` of the server (``https`` works too, and a path such as
+        ``http://proxy/llama`` is kept in front of every request's path).
     :param api_key: sent as ``Authorization: Bearer`` on every call.
     :param timeout: the default ``(connect, read)`` timeout of calls.
-    :param pool_maxsize: keep-alive connections kept for concurrent threads.
+    :param pool_maxsize: connections kept open for concurrent threads. The pool blocks: a thread
+        that finds every connection in use waits for one (up to its read timeout) rather than
+        opening more, because each open connection holds one of the server's HTTP threads
+        (``--threads-http``) and a connection beyond them waits unserved.
     :param connect_retries: retries of connection attempts that never reached the server.
-    :param probe_path: fetched with GET on each new keep-alive connection before its first
-        (non-streamed) request, so that a connection the server leaves unserved is replaced
-        within half a second instead of stalling a call (llama-server's HTTP thread pool can
-        queue a connection that arrives in a burst behind idle keep-alive connections for their
-        5 s timeout). None sends no probe.
+    :param verify: for ``https``: True checks the certificate against the system's CA bundle, a
+        path uses that CA bundle (or folder), False checks nothing; as in requests.
+    :param cert: for ``https``: a client certificate file, or a ``(cert, key)`` pair.
     """
 
     def __init__(
@@ -225,25 +242,48 @@ class LlamaClient(Endpoints):
         timeout: Timeout = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
         pool_maxsize: int = DEFAULT_POOL_SIZE,
         connect_retries: int = DEFAULT_CONNECT_RETRIES,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
         error_hint: Callable[[], str] | None = None,
-        probe_path: str | None = "/health",
     ) -> None:
+        from . import _adapter  # requests and urllib3 load with the first client, not with the package
+
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError([f"base_url: {base_url!r} is not like http://host:port (or https://host/path)"])
+        try:
+            parts.port  # noqa: B018  # raises for a port that is not a number in range
+        except ValueError as exc:
+            raise ConfigError([f"base_url: {base_url!r}: {exc}"]) from None
+        if pool_maxsize < 1:
+            raise ConfigError([f"pool_maxsize: must be >= 1, got {pool_maxsize!r}"])
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._error_hint = error_hint
-        from . import _adapter  # requests and urllib3 load with the first client, not with the package
-
         self._http_layer = _adapter
-        self.session, self._adapter = _adapter.new_session(self.base_url, api_key, pool_maxsize, connect_retries)
+        self._pool_args = (pool_maxsize, connect_retries, verify, cert)
+        self.session = _adapter.new_session(api_key)
+        self._adapter, self._probe_adapter = self._new_adapters()
         # a base URL may carry a path (a server behind a proxy): request targets start with it
         self._prefix = urlsplit(self.base_url).path
-        self._adapter.probe_path = None if probe_path is None else self._prefix + probe_path
-        self._pool_maxsize = pool_maxsize
         _live_clients.add(self)
         self._headers = {k: v if isinstance(v, str) else v.decode() for k, v in self.session.headers.items()}
-        self._proxies: dict[str, str] = {}
 
-    # -- the two primitives -------------------------------------------------------------------
+    def _new_adapters(self) -> tuple[_adapter_module.Adapter, _adapter_module.Adapter]:
+        pool_maxsize, connect_retries, verify, cert = self._pool_args
+        read_timeout = self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout
+        adapters = self._http_layer.new_adapters(
+            self.base_url, pool_maxsize, connect_retries, verify=verify, cert=cert, wait_timeout=read_timeout
+        )
+        self.session.mount(self.base_url + "/", adapters[0])
+        return adapters
+
+    @property
+    def pool_maxsize(self) -> int:
+        """How many connections the client keeps open to the server at most."""
+        return self._pool_args[0]
+
+    # -- the primitives -----------------------------------------------------------------------
 
     def _prepare(
         self, method: str, path: str, body: Any, headers: Mapping[str, str] | None
@@ -259,20 +299,38 @@ class LlamaClient(Endpoints):
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
         timeout: Timeout | object = ...,
+        probe: bool = False,
     ) -> requests.Response:
+        """Send one request; unless ``stream``, its body is read before this returns. ``probe``
+        sends it without retries (readiness checks)."""
         request = self._prepare(method, path, body, headers)
-        effective = self.timeout if timeout is ... else timeout
+        adapter = self._probe_adapter if probe else self._adapter
+        errors = self._http_layer.TRANSPORT_ERRORS
         try:
-            return self._adapter.send(
-                request,
-                stream=stream,
-                timeout=effective,
-                verify=True,
-                cert=None,
-                proxies=self._proxies,
-            )
-        except self._http_layer.RequestException as exc:
-            raise translate_error(exc, request.url or "", self._error_hint() if self._error_hint else "") from None
+            effective = self.timeout if timeout is ... else timeout
+            response = adapter.send(request, stream=stream, timeout=cast(Any, effective))
+        except errors as exc:
+            raise self._translate(exc, request, sending=True) from None
+        if not stream:
+            try:
+                response._content = self._http_layer.read_body(response.raw)
+            except errors as exc:
+                response.close()
+                raise self._translate(exc, request) from None
+            response._content_consumed = True  # type: ignore[attr-defined]
+        return response
+
+    def _translate(self, exc: BaseException, request: requests.PreparedRequest, *, sending: bool = False) -> Exception:
+        hint = self._error_hint() if self._error_hint and not sending else ""
+        return translate_error(exc, request.url or "", hint, sending=sending)
+
+    def _probe(self, path: str, timeout: Timeout) -> tuple[int, bytes]:
+        """GET ``path`` once, without retries: ``(status, body)``.
+
+        :raises APIConnectionError: when the server does not answer (yet).
+        """
+        response = self._send_raw("GET", path, None, timeout=timeout, probe=True)
+        return response.status_code, response.content
 
     def _http(self) -> LlamaClient:
         return self
@@ -281,15 +339,15 @@ class LlamaClient(Endpoints):
         # Pooled sockets are shared with the parent after fork(): reusing them would mix the two
         # processes' requests on one connection. Drop the child's copies and start a fresh pool.
         old = self._adapter
-        self._adapter = self._http_layer.Adapter(self.base_url, self._pool_maxsize, old.max_retries)
-        self._adapter.probe_path = old.probe_path
-        self.session.mount(self.base_url + "/", self._adapter)
+        self._adapter, self._probe_adapter = self._new_adapters()
         with contextlib.suppress(Exception):
             old.close()
 
     def close(self) -> None:
-        """Close the pooled connections (idempotent)."""
+        """Close the pooled connections (idempotent); later calls raise
+        :class:`~llama_proc.errors.APIConnectionError`."""
         self.session.close()
+        self._probe_adapter.close()
 
     def __enter__(self) -> LlamaClient:
         return self

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -10,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import attrs
 
 from ._transport import translate_error
-from .errors import APIStreamError
+from .errors import APIStreamError, APITimeoutError
 
 if TYPE_CHECKING:
     import requests
@@ -123,17 +125,28 @@ class Stream(Iterator[dict[str, Any]]):
         url: str = "",
         on_close: Callable[[], None] | None = None,
         error_hint: Callable[[], str] | None = None,
+        on_done: Callable[[], None] | None = None,
+        on_timeout: Callable[[], None] | None = None,
     ) -> None:
         #: The underlying response (already checked for an error status).
         self.response = response
         self.url = url
         self._on_close: list[Callable[[], None]] = [on_close] if on_close is not None else []
         self._error_hint = error_hint
+        self._on_done = on_done
+        self._on_timeout = on_timeout
         self._closed = False
+        self._pid = os.getpid()
         self._iterator = self._chunks()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
+
+    def __del__(self) -> None:
+        # a stream dropped without being read or closed gives its connection back
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):
+                self.close()
 
     def __next__(self) -> dict[str, Any]:
         return next(self._iterator)
@@ -165,30 +178,47 @@ class Stream(Iterator[dict[str, Any]]):
             return
         self._closed = True
         try:
+            if os.getpid() == self._pid:
+                # a thread blocked reading this stream wakes now, not at its read timeout (closing
+                # the socket alone does not wake it); never done in a forked child, whose socket is
+                # shared with the parent
+                with contextlib.suppress(ValueError, RuntimeError, OSError, AttributeError):
+                    self.response.raw.shutdown()
             self.response.close()
         finally:
             for callback in self._on_close:
                 callback()
 
     def _raw_chunks(self) -> Iterator[bytes]:
-        import requests
+        """The body as it arrives: whatever the socket has, never more than 64 KiB at a time
+        (whatever sizes the server claims)."""
+        from ._adapter import READ_CHUNK, TRANSPORT_ERRORS
 
+        raw = self.response.raw
         try:
-            yield from self.response.iter_content(chunk_size=None)
-        except requests.RequestException as exc:
+            while True:
+                data = raw.read1(READ_CHUNK, decode_content=True)
+                if not data:
+                    return
+                yield data
+        except Exception as exc:
+            if self._closed:
+                return  # closed by another thread while this one read: the stream simply ends
+            if not isinstance(exc, TRANSPORT_ERRORS):
+                raise
             hint = self._error_hint() if self._error_hint else ""
-            raise translate_error(
-                exc, self.url, ("the stream broke; " + hint) if hint else "the stream broke"
-            ) from None
+            error = translate_error(exc, self.url, ("the stream broke; " + hint) if hint else "the stream broke")
+            if isinstance(error, APITimeoutError) and self._on_timeout is not None:
+                self._on_timeout()
+            raise error from None
 
     def _chunks(self) -> Iterator[dict[str, Any]]:
         try:
             for event in iter_events(self._raw_chunks()):
                 data = event.data
                 if data == "[DONE]":
-                    note_end = getattr(self.response.raw, "note_end", None)
-                    if note_end is not None:  # the transport may open the next connection now
-                        note_end()
+                    if self._on_done is not None:
+                        self._on_done()
                     return
                 if not data:
                     continue

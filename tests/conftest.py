@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -132,6 +133,15 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Assert that the block finishes within ``seconds``."""
+    started = time.monotonic()
+    yield
+    elapsed = time.monotonic() - started
+    assert elapsed < seconds, f"took {elapsed:.2f} s, bound {seconds} s"
 
 
 def open_fds() -> set[int]:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -36,17 +35,9 @@ from llama_proc.errors import (
     StartupTimeout,
 )
 
-from .conftest import proc_state, wait_until
+from .conftest import proc_state, wait_until, within
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
-
-
-@contextmanager
-def within(seconds: float) -> Iterator[None]:
-    started = time.monotonic()
-    yield
-    elapsed = time.monotonic() - started
-    assert elapsed < seconds, f"took {elapsed:.2f} s, bound {seconds} s"
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 import requests
 import responses
+import urllib3
 
 from llama_proc.errors import APIConnectionError, APIStreamError
 from llama_proc.streaming import ServerSentEvent, SSEDecoder, Stream, iter_events
@@ -104,14 +104,23 @@ def test_early_break_closes() -> None:
 
 
 def test_broken_connection_is_api_connection_error() -> None:
-    class Broken(requests.Response):
-        def iter_content(self, chunk_size=1, decode_unicode=False):  # type: ignore[no-untyped-def,override]
-            yield b"data: {}\n\n"
-            raise requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")
+    class BrokenBody:
+        """An answer whose connection breaks after the first event."""
 
-    resp = Broken()
+        def __init__(self) -> None:
+            self.parts = [b"data: {}\n\n"]
+
+        def read1(self, amt: int, decode_content: bool = True) -> bytes:
+            if self.parts:
+                return self.parts.pop()
+            raise urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead")
+
+        def close(self) -> None:
+            pass
+
+    resp = requests.Response()
     resp.status_code = 200
-    resp.raw = io.BytesIO(b"")
+    resp.raw = BrokenBody()
     stream = Stream(resp, url=URL, error_hint=lambda: "llama-server exited with status -9")
     assert next(stream) == {}
     with pytest.raises(APIConnectionError, match="status -9"):
