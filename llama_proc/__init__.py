@@ -61,8 +61,10 @@ from .errors import (
 )
 from .manager import ServerManager, shared_server, stop_all
 from .platforms import current_target, default_variant
-from .server import EventKind, LlamaServer, RestartPolicy, Server, ServerEvent
+from .remote import RemoteServer
+from .server import LlamaServer, Server
 from .streaming import Stream
+from .supervision import EventKind, RestartPolicy, ServerEvent
 from .versions import ServerVersion, flag_dialect, server_version
 
 __all__ = [
@@ -96,6 +98,7 @@ __all__ = [
     "PermissionDeniedError",
     "Server",
     "ServerAlreadyRunning",
+    "RemoteServer",
     "RestartPolicy",
     "ServerBusy",
     "ServerEvent",

@@ -1,57 +1,48 @@
-"""The ``Server`` protocol and ``LlamaServer``, which runs one llama-server process."""
+"""The ``Server`` protocol and ``LlamaServer``, which runs one llama-server process.
+
+Readiness lives in :mod:`llama_proc.readiness`, supervision and restarts in
+:mod:`llama_proc.supervision`, and the process-less server of :meth:`LlamaServer.attach` in
+:mod:`llama_proc.remote`; this module composes them.
+"""
 
 from __future__ import annotations
 
-import enum
-import errno
 import html
-import ipaddress
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
-import urllib.parse
 import weakref
-from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
-
-import attrs
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 from ._registry import reap_stale
 from .binaries import find_executable, library_env
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
 from .config import LlamaServerArgs
 from .errors import (
-    APITimeoutError,
     ConfigError,
-    HealthCheckError,
-    LlamaProcError,
     ModelNotFound,
     ServerAlreadyRunning,
     ServerNotReady,
     ServerNotRunning,
     StartupError,
-    StartupTimeout,
 )
 from .process import ServerProcess
+from .readiness import PortTaken, check_port_free, connect_host, free_port, is_loopback, url_host, wait_ready
+from .remote import DEFAULT_ATTACHED_POOL_SIZE, RemoteServer
+from .supervision import EventKind, Listener, RestartPolicy, ServerEvent, Supervisor, emit
 from .versions import flag_dialect
 
-if TYPE_CHECKING:
-    import http.client
-
-    import requests
-
-__all__ = ["EventKind", "Listener", "LlamaServer", "RestartPolicy", "Server", "ServerEvent"]
+__all__ = ["EventKind", "Listener", "LlamaServer", "RestartPolicy", "Server", "ServerEvent", "emit"]
 
 _log = logging.getLogger("llama_proc.lifecycle")  # llama_proc.server carries the process's own output
 
-#: How often readiness is probed at most (it is also probed at once whenever the server logs a line).
-_POLL_MAX_INTERVAL = 0.005
 _PORT_ATTEMPTS = 3
-_BIND_FAILURE = ("couldn't bind", "address already in use", "failed to bind")
+#: HTTP threads a started server gets beyond the client's pool: room for other clients (a browser
+#: on the web UI, a metrics scraper, a second process attached to it).
+HTTP_THREAD_MARGIN = 4
 
 
 @runtime_checkable
@@ -67,8 +58,9 @@ class Server(Protocol):
     def stop(self) -> int | None:
         """Stop the server; idempotent; returns the exit code."""
 
-    def get_server_args(self) -> LlamaServerArgs:
-        """The arguments the server runs (or will run) with."""
+    def get_server_args(self) -> LlamaServerArgs | None:
+        """The arguments the server runs (or will run) with; None for a server that this process
+        did not start (:meth:`LlamaServer.attach`)."""
 
     def chat_completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
         """OpenAI chat completion; a :class:`Stream` when ``"stream": True``."""
@@ -100,133 +92,6 @@ def _reap_once() -> None:
             _log.debug("reaping stale servers failed", exc_info=True)
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _check_port_free(host: str, port: int) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise StartupError(
-                    f"port {port} on {host} is already in use; choose another port or leave port=None"
-                ) from None
-            raise StartupError(f"cannot bind {host}:{port}: {exc.strerror}; check the host setting") from None
-
-
-def _connect_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host in ("::", "[::]"):
-        return "::1"
-    return host.strip("[]")
-
-
-def _main_loop_started(conn: http.client.HTTPConnection, api_key: str | None) -> None:
-    """Wait until the server's main loop runs, by asking for ``/slots`` (answered from that loop).
-
-    ``/health`` turns 200 a moment before llama-server installs its signal handler and starts
-    its main loop, and a SIGTERM in that moment is lost: a ``stop()`` right after ``start()``
-    would then wait for the second signal. Any answer will do (``--no-slots`` answers at once)."""
-    import http.client  # loaded with the readiness check already
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        conn.request("GET", "/slots", headers=headers)
-        conn.getresponse().read()
-    except (OSError, http.client.HTTPException):
-        pass
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-class _PortTaken(Exception):
-    pass
-
-
-class EventKind(enum.Enum):
-    """What happened to a server."""
-
-    START = "start"  #: a server process became ready
-    STOP = "stop"  #: a server was stopped (by stop(), idle keep-alive, close(), or after giving up)
-    LOAD = "load"  #: a model was loaded on demand for a request (ServerManager)
-    EVICT = "evict"  #: a model was unloaded to make room for another (ServerManager)
-    CRASH = "crash"  #: a server exited without being asked to, or was killed as hung
-    RESTART = "restart"  #: a crashed server was started again
-
-
-@attrs.frozen
-class ServerEvent:
-    """One state change, passed to listeners (called outside any lock of llama_proc)."""
-
-    kind: EventKind
-    alias: str
-    detail: str = ""
-
-
-Listener = Callable[[ServerEvent], None]
-
-
-def emit(listeners: Sequence[Listener], events: Sequence[ServerEvent]) -> None:
-    """Call every listener with every event; a failing listener is logged and skipped."""
-    for event in events:
-        for listener in listeners:
-            try:
-                listener(event)
-            except Exception:
-                _log.exception("listener %r failed on %s", listener, event)
-
-
-@attrs.frozen(kw_only=True)
-class RestartPolicy:
-    """When and how a server that exits unexpectedly is started again.
-
-    :param max_restarts: restarts allowed within ``window`` seconds; past that it stays down.
-    :param window: seconds over which restarts are counted.
-    :param backoff: seconds before the first restart, doubled for each further one in the window.
-    :param max_backoff: the longest wait between restarts.
-    :param wait_timeout: how long calls made during a restart wait for it before raising
-        :class:`~llama_proc.errors.ServerNotReady`.
-    :param restart_on_timeout: a call that gets no answer within its read timeout means the server
-        is hung: kill it, and the policy restarts it.
-    """
-
-    max_restarts: int = attrs.field(default=5, validator=attrs.validators.ge(1))
-    window: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
-    backoff: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
-    max_backoff: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
-    wait_timeout: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
-    restart_on_timeout: bool = True
-
-
-def _watch(ref: weakref.ReferenceType[LlamaServer], proc: ServerProcess) -> None:
-    """Wait for ``proc`` to exit (its pumps end at end-of-file), then tell its server."""
-    for pump in proc.threads:
-        pump.join()
-    code = proc.wait()
-    server = ref()
-    if server is not None:
-        server._on_exit(proc, code)
-
-
 class LlamaServer(Endpoints):
     """One ``llama-server`` process and a pooled client to it.
 
@@ -246,6 +111,11 @@ class LlamaServer(Endpoints):
     :param restart: a :class:`RestartPolicy` (or True for the default one) to start the server again
         when it exits unexpectedly or hangs; None (the default) leaves a crashed server down.
     :param listeners: callables that get a :class:`ServerEvent` on start, stop, crash and restart.
+
+    The client keeps up to ``max(32, 2 * n_parallel)`` connections open, and the server is started
+    with that many HTTP threads plus :data:`HTTP_THREAD_MARGIN` (``--threads-http``), so that no
+    connection ever waits for a thread. When ``args.threads_http`` is set, it is kept and the pool is
+    sized below it instead.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. A server that is never
     stopped is stopped when it is garbage-collected or the interpreter exits, and on Linux and macOS
@@ -285,7 +155,6 @@ class LlamaServer(Endpoints):
         self._env = dict(env) if env else None
         self._log_lines = log_lines
         self._autostart = autostart
-        self._attached_url: str | None = None
         self._lock = threading.RLock()
         self._proc: ServerProcess | None = None
         self._client: LlamaClient | None = None
@@ -295,14 +164,7 @@ class LlamaServer(Endpoints):
         self._pending: ServerProcess | None = None  # the process of a start() in progress
         self._abort = threading.Event()
         self._last_exit: int | None = None
-        self._restart = RestartPolicy() if restart is True else (restart or None)
-        self._listeners = list(listeners)
-        self._stop_requested = threading.Event()
-        self._ready = threading.Condition()  # its own lock: waiters must not queue behind a restart
-        self._restarting = False
-        self._restart_times: deque[float] = deque()
-        self._gave_up: str | None = None
-        self._hung = False
+        self._supervisor = Supervisor(RestartPolicy() if restart is True else (restart or None), listeners, self._label)
         self._watcher: threading.Thread | None = None
 
     # -- properties ---------------------------------------------------------------------------
@@ -313,7 +175,7 @@ class LlamaServer(Endpoints):
         return self._running_args or self._args
 
     def get_server_args(self) -> LlamaServerArgs:
-        """The arguments in effect (as the seed's ``get_server_args``)."""
+        """The arguments in effect (as :attr:`args`)."""
         return self.args
 
     @property
@@ -339,12 +201,7 @@ class LlamaServer(Endpoints):
 
         :raises ServerNotRunning: before the port is known.
         """
-        if self._attached_url is not None:
-            return self._attached_url
-        port = self.port
-        if port is None:
-            raise ServerNotRunning("start() has not been called, so its port is not known yet")
-        return f"http://{_url_host(_connect_host(self.args.host))}:{port}"
+        return _base_url(self.args)
 
     @property
     def pid(self) -> int | None:
@@ -357,44 +214,43 @@ class LlamaServer(Endpoints):
         """The underlying :class:`~llama_proc.process.ServerProcess` (None before start)."""
         return self._proc
 
+    @property
+    def attached(self) -> bool:
+        """False: this server runs its own process (see :meth:`attach`)."""
+        return False
+
     def is_running(self) -> bool:
-        """True while the process is alive (for an attached server: while it answers ``/health``)."""
-        if self._attached_url is not None:
-            try:
-                return self._client is not None and self._client.health(timeout=2.0).get("status") == "ok"
-            except LlamaProcError:
-                return False
+        """True while the process is alive."""
         proc = self._proc
         return proc is not None and proc.is_running()
 
-    @property
-    def attached(self) -> bool:
-        """True for a server made with :meth:`attach`: a client that owns no process."""
-        return self._attached_url is not None
-
-    @classmethod
+    @staticmethod
     def attach(
-        cls,
         base_url: str,
         api_key: str | None = None,
         *,
         request_timeout: Timeout = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
-    ) -> LlamaServer:
-        """A :class:`LlamaServer` for a server that is already running (started by another process,
-        for example the parent of forked web workers). It owns no process: :meth:`start` only checks
-        that the server answers, and :meth:`stop` only closes the connection pool.
+        pool_maxsize: int = DEFAULT_ATTACHED_POOL_SIZE,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
+    ) -> RemoteServer:
+        """A :class:`~llama_proc.remote.RemoteServer` for a llama-server that is already running
+        (started by another process, for example the parent of forked web workers). It owns no
+        process: ``start()`` only checks that the server answers, and ``stop()`` only closes the
+        connection pool.
 
-        :param base_url: ``http://host:port`` of the running server.
+        :param base_url: ``http://host:port`` (or ``https://``, or with a path such as
+            ``http://proxy/llama``) of the running server.
         :param api_key: the server's API key, sent on every call.
+        :param pool_maxsize: connections kept open at most; keep it below the server's HTTP threads
+            (see :data:`~llama_proc.remote.DEFAULT_ATTACHED_POOL_SIZE`).
+        :param verify: for ``https``: certificate checks, as in requests (True, a CA bundle path, or False).
+        :param cert: for ``https``: a client certificate, or a ``(cert, key)`` pair.
+        :raises ConfigError: when ``base_url`` is not an http(s) URL.
         """
-        parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or parts.hostname is None or parts.port is None:
-            raise ConfigError([f"base_url: {base_url!r} is not like http://host:port"])
-        args = LlamaServerArgs(model=Path("(attached)"), host=parts.hostname, port=parts.port, api_key=api_key)
-        server = cls(None, args, request_timeout=request_timeout)
-        server._attached_url = f"{parts.scheme}://{parts.netloc}"
-        server._client = LlamaClient(server._attached_url, api_key=api_key, timeout=request_timeout)
-        return server
+        return RemoteServer(
+            base_url, api_key, request_timeout=request_timeout, pool_maxsize=pool_maxsize, verify=verify, cert=cert
+        )
 
     def ensure_started(self) -> LlamaServer:
         """Start the server unless it runs already (safe to call from many threads at once)."""
@@ -429,21 +285,14 @@ class LlamaServer(Endpoints):
         :raises StartupError: when the process exits while starting (with its exit code and last lines).
         :raises StartupTimeout: when it stays silent for ``startup_timeout`` seconds without becoming ready.
         """
-        if self._attached_url is not None:
-            health = self._require_client().health()
-            if health.get("status") != "ok":
-                raise HealthCheckError(f"{self._attached_url}/health answered {health!r}")
-            return
         _reap_once()
         with self._lock:
             if self._proc is not None and self._proc.is_running():
                 raise ServerAlreadyRunning(self._proc.pid or 0, self.base_url)
             self._discard()
-            self._stop_requested.clear()
-            self._gave_up = None
-            self._restart_times.clear()
+            self._supervisor.begin()
             self._start_marked()
-        emit(self._listeners, [ServerEvent(EventKind.START, self._label(), f"pid {self.pid} at {self.base_url}")])
+        self._supervisor.emit(EventKind.START, f"pid {self.pid} at {self.base_url}")
 
     def _start_marked(self) -> None:
         # with the lock held: start, while calls from other threads see "starting" and stop() can abort
@@ -465,30 +314,40 @@ class LlamaServer(Endpoints):
         dialect = flag_dialect(executable)
         fixed_port = self._args.port
         if fixed_port is not None:
-            _check_port_free(self._args.host, fixed_port)
+            check_port_free(self._args.host, fixed_port)
         env = {**os.environ, **self._env} if self._env else None
         env = library_env(executable, env) or env
+        threads_http, pool_size = _sized(self._args)
         base_args = self._args
         if base_args.api_key == "auto":
             # a strong key for this run; the client sends it, `server.api_key` tells it to others
             base_args = base_args.evolve(api_key=secrets.token_urlsafe(32))
-        if base_args.api_key is None and not _is_loopback(base_args.host):
+        if base_args.api_key is None and not is_loopback(base_args.host):
             _log.warning(
                 "llama-server will listen on %s without an API key: anyone who can reach it can use it; "
                 'set api_key (api_key="auto" generates one)',
                 base_args.host,
             )
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = fixed_port if fixed_port is not None else self._pick_port()
+            port = fixed_port if fixed_port is not None else free_port(self._args.host)
             args = base_args if fixed_port is not None else base_args.evolve(port=port)
-            argv = [str(executable), *args.to_args(dialect)]
+            run_args = args if threads_http is None else args.evolve(threads_http=threads_http)
+            argv = [str(executable), *run_args.to_args(dialect)]
             _log.info("starting %s", " ".join(_redact(argv)))
             proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self._stop_timeout)
             proc.start()
             self._pending = proc
+            client = LlamaClient(
+                _base_url(args),
+                api_key=args.api_key,
+                timeout=self._request_timeout,
+                pool_maxsize=pool_size,
+                error_hint=self._error_hint,
+            )
             try:
-                self._wait_ready(proc, args)
-            except _PortTaken:
+                wait_ready(proc, client, self._startup_timeout, self._abort)
+            except PortTaken:
+                client.close()
                 proc.stop(self._stop_timeout)
                 if fixed_port is not None or attempt == _PORT_ATTEMPTS:
                     raise StartupError(
@@ -499,6 +358,7 @@ class LlamaServer(Endpoints):
                 _log.info("port %d was taken; retrying on another port", port)
                 continue
             except BaseException:
+                client.close()
                 proc.stop(self._stop_timeout)
                 raise
             proc.batch_output()  # up: from now on the server's speed matters more than a log line's latency
@@ -506,74 +366,10 @@ class LlamaServer(Endpoints):
             _owned_servers.add(self)
             self._running_args = args
             self._stopped = False
-            self._client = LlamaClient(
-                self.base_url,
-                api_key=args.api_key,
-                timeout=self._request_timeout,
-                pool_maxsize=max(DEFAULT_POOL_SIZE, 2 * (args.n_parallel or 1)),
-                error_hint=self._error_hint,
-            )
+            self._client = client
             _log.info("llama-server pid %s ready at %s", proc.pid, self.base_url)
-            if self._restart is not None or self._listeners:
-                self._watcher = threading.Thread(
-                    target=_watch, args=(weakref.ref(self), proc), name=f"llama-server-{proc.pid}-watch", daemon=True
-                )
-                self._watcher.start()
+            self._watcher = self._supervisor.watch(proc, self._on_exit)
             return
-
-    def _pick_port(self) -> int:
-        try:
-            return _free_port(self._args.host)
-        except OSError as exc:
-            raise StartupError(f"cannot bind {self._args.host}: {exc.strerror}; check the host setting") from None
-
-    def _wait_ready(self, proc: ServerProcess, args: LlamaServerArgs) -> None:
-        import http.client  # here, not at import: it pulls in the email package
-
-        host = _connect_host(args.host)
-        assert args.port is not None
-        conn: http.client.HTTPConnection | None = None
-        interval = 0.001
-        try:
-            while True:
-                if self._abort.is_set():
-                    raise StartupError("stop() was called while the server was starting", None, proc.log_tail())
-                code = proc.poll()
-                if code is not None:
-                    proc.wait(1.0)  # let the pumps collect the last lines
-                    tail = proc.log_tail()
-                    if any(marker in line.lower() for line in tail for marker in _BIND_FAILURE):
-                        raise _PortTaken()
-                    raise StartupError(f"llama-server exited with status {code} while starting", code, tail)
-                if conn is None:
-                    conn = http.client.HTTPConnection(host, args.port, timeout=2.0)
-                try:
-                    conn.request("GET", "/health")
-                    response = conn.getresponse()
-                    body = response.read()
-                except (OSError, http.client.HTTPException):
-                    conn.close()
-                    conn = None
-                else:
-                    if response.status == 200:
-                        if proc.poll() is None:
-                            _main_loop_started(conn, args.api_key)
-                            return
-                        continue
-                    if response.status != 503:
-                        raise HealthCheckError(
-                            f"GET /health answered {response.status} {body[:200]!r}; is this really llama-server?"
-                        )
-                silent = time.monotonic() - proc.last_activity
-                if silent > self._startup_timeout:
-                    tail = proc.log_tail()
-                    proc.stop(0)
-                    raise StartupTimeout(self._startup_timeout, tail)
-                proc.wait_activity(interval)
-                interval = min(interval * 1.5, _POLL_MAX_INTERVAL)
-        finally:
-            if conn is not None:
-                conn.close()
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop the server: SIGTERM (again after a second if it still runs), then SIGKILL once
@@ -583,9 +379,7 @@ class LlamaServer(Endpoints):
 
         :returns: the exit code, or None if it was never started.
         """
-        self._stop_requested.set()
-        with self._ready:
-            self._ready.notify_all()
+        self._supervisor.request_stop()
         pending = self._pending
         if pending is not None:
             # a start() is in progress in another thread (which holds the lock): make it give up
@@ -607,7 +401,7 @@ class LlamaServer(Endpoints):
             watcher, self._watcher = self._watcher, None
         if watcher is not None and watcher is not threading.current_thread():
             watcher.join(self._stop_timeout + 5)
-        emit(self._listeners, [ServerEvent(EventKind.STOP, self._label(), f"exit status {code}")])
+        self._supervisor.emit(EventKind.STOP, f"exit status {code}")
         return code
 
     def _discard(self) -> None:
@@ -629,11 +423,12 @@ class LlamaServer(Endpoints):
         if client is None and self._autostart:
             self.ensure_started()
             client = self._client
-        if client is None and self._restarting and self._restart is not None:
-            client = self._wait_for_restart(self._restart.wait_timeout)
+        supervisor = self._supervisor
+        if client is None and supervisor.restarting and supervisor.policy is not None:
+            client = supervisor.wait_for_restart(supervisor.policy.wait_timeout, lambda: self._client)
         if client is None:
-            if self._gave_up is not None:
-                raise ServerNotRunning(self._gave_up)
+            if supervisor.gave_up is not None:
+                raise ServerNotRunning(supervisor.gave_up)
             if self._starting:
                 raise ServerNotReady()
             if self._stopped:
@@ -641,99 +436,43 @@ class LlamaServer(Endpoints):
             raise ServerNotRunning("start() has not been called")
         return client
 
+    def _http(self) -> LlamaClient:
+        return self._require_client()
+
     # -- supervision --------------------------------------------------------------------------
 
     def _label(self) -> str:
         return self.args.alias or self.args.model.name
 
-    def _wait_for_restart(self, timeout: float) -> LlamaClient:
-        deadline = time.monotonic() + timeout
-        with self._ready:
-            while self._client is None and self._restarting and not self._stop_requested.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ServerNotReady(
-                        f"Model server is restarting after a crash and was not ready within {timeout:g} seconds."
-                    )
-                self._ready.wait(remaining)
-            client = self._client
-        if client is None:
-            raise ServerNotRunning(self._gave_up or "it was stopped while restarting")
-        return client
-
-    def _call(
-        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
-    ) -> requests.Response:
-        try:
-            return super()._call(method, path, body, stream=stream, timeout=timeout)
-        except APITimeoutError:
-            policy = self._restart
-            proc = self._proc
-            if policy is not None and policy.restart_on_timeout and proc is not None and proc.is_running():
-                _log.warning("llama-server pid %s did not answer %s in time: killing it as hung", proc.pid, path)
-                self._hung = True
-                proc.stop(0)  # the watcher sees the exit and the policy restarts it
-            raise
+    def _on_timeout(self, path: str) -> None:
+        self._supervisor.timed_out(self._proc, path)
 
     def _on_exit(self, proc: ServerProcess, code: int | None) -> None:
         """Called by the watcher thread when the process exits."""
         with self._lock:
-            current = self._proc is proc and not self._stop_requested.is_set()
+            current = self._proc is proc and not self._supervisor.stop_requested.is_set()
             if not current and not proc.exited_on_its_own:
                 return  # stopped on request: expected
             client = None
             if current:
                 client, self._client = self._client, None
-                self._restarting = self._restart is not None
+                self._supervisor.restarting = self._supervisor.policy is not None
         if client is not None:
             client.close()
-        why = "hung (no answer within the read timeout)" if self._hung else f"exit status {code}"
-        self._hung = False
-        tail = " | ".join(proc.log_tail(3))
-        _log.warning("llama-server pid %s exited unexpectedly: %s; last lines: %s", proc.pid, why, tail)
-        emit(self._listeners, [ServerEvent(EventKind.CRASH, self._label(), why)])
         # a crash noticed only after the server was stopped or replaced is reported, not restarted
-        if current and self._restart is not None:
-            self._restart_loop(self._restart)
+        self._supervisor.crashed(proc, code, self._restart if current else None)
 
-    def _restart_loop(self, policy: RestartPolicy) -> None:
-        events: list[ServerEvent] = []
-        try:
-            while not self._stop_requested.is_set():
-                now = time.monotonic()
-                while self._restart_times and now - self._restart_times[0] > policy.window:
-                    self._restart_times.popleft()
-                if len(self._restart_times) >= policy.max_restarts:
-                    self._gave_up = (
-                        f"it crashed {len(self._restart_times) + 1} times within {policy.window:g} s and was left "
-                        "down; call start() to run it again"
-                    )
-                    _log.error("llama-server %s: %s", self._label(), self._gave_up)
-                    events.append(ServerEvent(EventKind.STOP, self._label(), "gave up restarting"))
-                    return
-                delay = min(policy.backoff * (2 ** len(self._restart_times)), policy.max_backoff)
-                if self._stop_requested.wait(delay):
-                    return
-                self._restart_times.append(time.monotonic())
-                try:
-                    with self._lock:
-                        if self._stop_requested.is_set():
-                            return
-                        old = self._proc
-                        if old is not None:
-                            old.stop(0)  # reap it and join its pumps
-                            _owned_servers.discard(self)
-                        self._start_marked()
-                except LlamaProcError as exc:
-                    _log.warning("restarting llama-server %s failed: %s", self._label(), exc)
-                    continue
-                events.append(ServerEvent(EventKind.RESTART, self._label(), f"pid {self.pid} at {self.base_url}"))
-                return
-        finally:
-            self._restarting = False
-            with self._ready:
-                self._ready.notify_all()
-            emit(self._listeners, events)
+    def _restart(self) -> str:
+        """Start again after a crash (the policy's loop calls this); describes the new process."""
+        with self._lock:
+            if self._supervisor.stop_requested.is_set():
+                raise ServerNotRunning("it was stopped while restarting")
+            old = self._proc
+            if old is not None:
+                old.stop(0)  # reap it and join its pumps
+                _owned_servers.discard(self)
+            self._start_marked()
+        return f"pid {self.pid} at {self.base_url}"
 
     def _error_hint(self) -> str:
         # only on the error path: a connection that broke often means the process is dying; give it a
@@ -741,7 +480,7 @@ class LlamaServer(Endpoints):
         proc = self._proc
         if proc is None or not proc.owned:
             return ""
-        code = proc.poll()
+        code = proc.returncode
         if code is None:
             code = proc.wait(0.5)
         if code is None:
@@ -749,12 +488,9 @@ class LlamaServer(Endpoints):
         last = proc.log_tail(3)
         return f"llama-server exited with status {code}" + (": " + " | ".join(last) if last else "")
 
-    def _http(self) -> LlamaClient:
-        return self._require_client()
+    # -- presentation -------------------------------------------------------------------------
 
     def _state(self) -> str:
-        if self._attached_url is not None:
-            return "attached"
         if self._starting:
             return "starting"
         if self.is_running():
@@ -770,7 +506,7 @@ class LlamaServer(Endpoints):
 
     def __repr__(self) -> str:
         state = self._state()
-        where = f" {self.base_url}" if state in ("running", "attached") else ""
+        where = f" {self.base_url}" if state == "running" else ""
         alias = f" alias={self.args.alias!r}" if self.args.alias else ""
         return f"<LlamaServer {state}{alias} model={str(self.args.model)!r}{where} pid={self.pid}>"
 
@@ -782,7 +518,7 @@ class LlamaServer(Endpoints):
             ("state", state),
             ("alias", self.args.alias or ""),
             ("model", str(self.args.model)),
-            ("url", self.base_url if state in ("running", "attached") else ""),
+            ("url", self.base_url if state == "running" else ""),
             ("pid", "" if self.pid is None else str(self.pid)),
             ("uptime", "" if uptime is None else f"{uptime:.1f} s"),
         ]
@@ -790,6 +526,28 @@ class LlamaServer(Endpoints):
         tail = html.escape("\n".join(self.log_tail(8)))
         log = f"<details><summary>last log lines</summary><pre>{tail}</pre></details>" if tail else ""
         return f"<div><strong>LlamaServer</strong><table>{cells}</table>{log}</div>"
+
+
+def _base_url(args: LlamaServerArgs) -> str:
+    if args.port is None:
+        raise ServerNotRunning("start() has not been called, so its port is not known yet")
+    return f"http://{url_host(connect_host(args.host))}:{args.port}"
+
+
+def _sized(args: LlamaServerArgs) -> tuple[int | None, int]:
+    """The ``--threads-http`` to add (None: the user chose it) and the client's pool size: the
+    server gets more HTTP threads than the client keeps connections (see :class:`LlamaServer`), or,
+    when the user set ``threads_http`` (or passed ``--threads-http`` in ``extra_args``), the pool
+    stays below it."""
+    chosen = args.threads_http
+    extra = list(args.extra_args)
+    if chosen is None and "--threads-http" in extra[:-1]:
+        value = extra[extra.index("--threads-http") + 1]
+        chosen = int(value) if value.isdigit() else None
+    if chosen is not None:
+        return None, max(1, chosen - HTTP_THREAD_MARGIN)
+    pool = max(DEFAULT_POOL_SIZE, 2 * (args.n_parallel or 1))
+    return pool + HTTP_THREAD_MARGIN, pool
 
 
 _owned_servers: weakref.WeakSet[LlamaServer] = weakref.WeakSet()

@@ -142,8 +142,8 @@ def test_port_taken_by_another_process_retries(
         blocker.listen()
         taken = blocker.getsockname()[1]
         picks = iter([taken])
-        real = server_mod._free_port
-        monkeypatch.setattr(server_mod, "_free_port", lambda host: next(picks, None) or real(host))
+        real = server_mod.free_port
+        monkeypatch.setattr(server_mod, "free_port", lambda host: next(picks, None) or real(host))
         with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256)) as server:
             assert server.port != taken
             assert server.health() == {"status": "ok"}

@@ -168,8 +168,8 @@ def test_port_race_retries_on_a_fresh_port(fake_exe: Path, model: Path, monkeypa
     blocker.listen()
     taken = blocker.getsockname()[1]
     ports = iter([taken])
-    real = server_mod._free_port
-    monkeypatch.setattr(server_mod, "_free_port", lambda host: next(ports, None) or real(host))
+    real = server_mod.free_port
+    monkeypatch.setattr(server_mod, "free_port", lambda host: next(ports, None) or real(host))
     try:
         # the fake's bind error looks like llama-server's: "couldn't bind"
         with make(fake_exe, model, "") as server:
