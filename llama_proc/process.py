@@ -414,10 +414,6 @@ class ServerProcess:
             return None
         return self._popen.poll()
 
-    def poll(self) -> int | None:
-        """The exit code if the child has exited, else None."""
-        return self.returncode
-
     def is_running(self) -> bool:
         """True while the child is alive."""
         if self._popen is None:

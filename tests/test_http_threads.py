@@ -67,8 +67,12 @@ def test_more_connections_than_http_threads_stall(llama_exe: Path, tiny_model: P
     """The stall that the sizing prevents: a burst of more connections than the server's threads."""
     with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256, threads_http=4)) as server:
         assert server.port is not None
-        times = burst(server.port, 24)
-    assert max(times) > 4.0  # some were queued until idle keep-alive connections were closed
+        stalled = False
+        for _ in range(4):  # whether a burst outruns the waking threads is a race: a few bursts decide it
+            stalled = max(burst(server.port, 48)) > 4.0  # queued until idle connections were closed
+            if stalled:
+                break
+    assert stalled
 
 
 def test_a_burst_of_a_whole_pool_never_stalls_a_started_server(llama_exe: Path, tiny_model: Path) -> None:
