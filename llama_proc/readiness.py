@@ -25,6 +25,8 @@ class PortTaken(Exception):
     """The server exited while starting because another process holds its port."""
 
 
+# The sockets below only bind, to find or check a port for llama-server to listen on; no HTTP goes
+# over them (urllib3 and requests have nothing that picks a free local port).
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
