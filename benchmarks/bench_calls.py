@@ -63,11 +63,11 @@ CHAT_BUDGET_S = 25.0
 STREAM_BUDGET_S = 45.0
 #: Concurrency: threads, calls per thread, and alternating batches of each contender.
 THREADS = 32
-CHAT_CALLS_PER_THREAD = 5
+CHAT_CALLS_PER_THREAD = 10
 TOKENIZE_CALLS_PER_THREAD = 50
 MIN_BATCHES = 2
 MAX_BATCHES = 9
-CONCURRENT_CHAT_BUDGET_S = 30.0
+CONCURRENT_CHAT_BUDGET_S = 40.0
 CONCURRENT_TOKENIZE_BUDGET_S = 15.0
 
 MESSAGES: list[Any] = [{"role": "user", "content": "go"}]

@@ -19,6 +19,8 @@ def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bo
         could not be sent, :class:`APIConnectionError` for everything else (a refused or broken
         connection, an answer that breaks HTTP); ``exc`` itself when it is none of these.
     """
+    import ssl
+
     import requests
     import urllib3.exceptions as u3
 
@@ -32,6 +34,9 @@ def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bo
         return APITimeoutError(f"every pooled connection stayed busy; no connection was free in time{suffix}", url)
     if sending and isinstance(exc, ValueError) and not isinstance(exc, requests.RequestException):
         return InvalidRequest(f"{exc}; nothing was sent")
+    if _caused_by(exc, ssl.SSLCertVerificationError):
+        advice = "pass verify= the path of the CA bundle that signed the server's certificate"
+        suffix = f" ({advice}; {hint})" if hint else f" ({advice})"
     if isinstance(exc, (requests.RequestException, u3.HTTPError, OSError, ValueError, OverflowError)):
         return APIConnectionError(f"{_describe(exc)}{suffix}", url)
     return exc if isinstance(exc, Exception) else APIConnectionError(repr(exc), url)

@@ -263,7 +263,11 @@ class LlamaClient(Endpoints):
         self._http_layer = _adapter
         self._pool_args = (pool_maxsize, connect_retries, verify, cert)
         self.session = _adapter.new_session(api_key)
-        self._adapter, self._probe_adapter = self._new_adapters()
+        try:
+            self._adapter, self._probe_adapter = self._new_adapters()
+        except OSError as exc:  # requests checks that the files named by verify= and cert= exist
+            self.session.close()
+            raise ConfigError([f"verify/cert: {exc}"]) from None
         # a base URL may carry a path (a server behind a proxy): request targets start with it
         self._prefix = urlsplit(self.base_url).path
         _live_clients.add(self)

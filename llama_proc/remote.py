@@ -21,8 +21,17 @@ class RemoteServer(Endpoints):
     the master of forked web workers, another machine). It owns no process: :meth:`start` checks
     that the server answers, and :meth:`stop` closes the connection pool.
 
-    Made by :meth:`LlamaServer.attach <llama_proc.LlamaServer.attach>`; the parameters are those of
-    :class:`~llama_proc.LlamaClient`.
+    Also reached as :attr:`LlamaServer.attach <llama_proc.LlamaServer.attach>`.
+
+    :param base_url: ``http://host:port`` (or ``https://``, or with a path such as
+        ``http://proxy/llama``) of the running server.
+    :param api_key: the server's API key, sent on every call.
+    :param request_timeout: ``(connect, read)`` seconds of each call, unless the call says otherwise.
+    :param pool_maxsize: connections kept open at most; keep it below the server's HTTP threads
+        (see :data:`DEFAULT_ATTACHED_POOL_SIZE`).
+    :param verify: for ``https``: certificate checks, as in requests (True, a CA bundle path, or False).
+    :param cert: for ``https``: a client certificate, or a ``(cert, key)`` pair.
+    :raises ConfigError: when ``base_url`` is not an http(s) URL.
     """
 
     def __init__(

@@ -31,7 +31,7 @@ from .errors import (
 )
 from .process import ServerProcess
 from .readiness import PortTaken, check_port_free, connect_host, free_port, is_loopback, url_host, wait_ready
-from .remote import DEFAULT_ATTACHED_POOL_SIZE, RemoteServer
+from .remote import RemoteServer
 from .supervision import EventKind, Listener, RestartPolicy, ServerEvent, Supervisor, emit
 from .versions import flag_dialect
 
@@ -224,33 +224,13 @@ class LlamaServer(Endpoints):
         proc = self._proc
         return proc is not None and proc.is_running()
 
-    @staticmethod
-    def attach(
-        base_url: str,
-        api_key: str | None = None,
-        *,
-        request_timeout: Timeout = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
-        pool_maxsize: int = DEFAULT_ATTACHED_POOL_SIZE,
-        verify: bool | str = True,
-        cert: str | tuple[str, str] | None = None,
-    ) -> RemoteServer:
-        """A :class:`~llama_proc.remote.RemoteServer` for a llama-server that is already running
-        (started by another process, for example the parent of forked web workers). It owns no
-        process: ``start()`` only checks that the server answers, and ``stop()`` only closes the
-        connection pool.
-
-        :param base_url: ``http://host:port`` (or ``https://``, or with a path such as
-            ``http://proxy/llama``) of the running server.
-        :param api_key: the server's API key, sent on every call.
-        :param pool_maxsize: connections kept open at most; keep it below the server's HTTP threads
-            (see :data:`~llama_proc.remote.DEFAULT_ATTACHED_POOL_SIZE`).
-        :param verify: for ``https``: certificate checks, as in requests (True, a CA bundle path, or False).
-        :param cert: for ``https``: a client certificate, or a ``(cert, key)`` pair.
-        :raises ConfigError: when ``base_url`` is not an http(s) URL.
-        """
-        return RemoteServer(
-            base_url, api_key, request_timeout=request_timeout, pool_maxsize=pool_maxsize, verify=verify, cert=cert
-        )
+    #: ``LlamaServer.attach(base_url, api_key=None, *, request_timeout=..., pool_maxsize=8,
+    #: verify=True, cert=None)``: a :class:`~llama_proc.remote.RemoteServer` for a llama-server that
+    #: is already running (started by another process, for example the parent of forked web
+    #: workers). It owns no process: ``start()`` only checks that the server answers, and ``stop()``
+    #: only closes the connection pool. The parameters are those of
+    #: :class:`~llama_proc.remote.RemoteServer`.
+    attach = RemoteServer
 
     def ensure_started(self) -> LlamaServer:
         """Start the server unless it runs already (safe to call from many threads at once)."""

@@ -53,7 +53,14 @@ class SSEDecoder:
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = False
-        buffer = self._buffer + chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" not in buffer:  # the usual case: LF line ends, split without the regex
+            *lines, self._buffer = buffer.split(b"\n")
+            for line in lines:
+                event = self._line(line)
+                if event is not None:
+                    yield event
+            return
         start = 0
         for match in _EOL.finditer(buffer):
             line = buffer[start : match.start()]
@@ -83,6 +90,9 @@ class SSEDecoder:
             event = ServerSentEvent("\n".join(self._data), self._event, self._id, self._retry)
             self._data, self._event, self._retry = [], None, None
             return event
+        if raw[:6] == b"data: ":  # the usual line, without the general parsing below
+            self._data.append(raw[6:].decode("utf-8", errors="replace"))
+            return None
         if raw[:1] == b":":
             return None
         line = raw.decode("utf-8", errors="replace")
@@ -195,9 +205,12 @@ class Stream(Iterator[dict[str, Any]]):
         from ._adapter import READ_CHUNK, TRANSPORT_ERRORS
 
         raw = self.response.raw
+        # urllib3 decodes only what the server compressed; an identity stream (llama-server's)
+        # skips its decoder buffers on every read
+        decode = bool(self.response.headers.get("Content-Encoding"))
         try:
             while True:
-                data = raw.read1(READ_CHUNK, decode_content=True)
+                data = raw.read1(READ_CHUNK, decode_content=decode)
                 if not data:
                     return
                 yield data
