@@ -65,6 +65,7 @@ class FakeReleases:
         self.hits: dict[str, int] = {}
         self.headers: list[dict[str, str]] = []
         self.drop_after: dict[str, int] = {}  # name -> bytes sent before the connection is cut
+        self.drops_left: dict[str, int] = {}  # name -> downloads still cut so (absent: all of them)
         self.api_status = 200
         self.lock = threading.Lock()
         owner = self
@@ -84,7 +85,12 @@ class FakeReleases:
                 elif self.path.startswith("/download/") and self.path[10:] in owner.files:
                     name = self.path[10:]
                     data = owner.files[name]
-                    cut = owner.drop_after.get(name)
+                    with owner.lock:
+                        cut = owner.drop_after.get(name)
+                        left = owner.drops_left.get(name)
+                        if cut is not None and left is not None:
+                            cut = cut if left > 0 else None
+                            owner.drops_left[name] = left - 1
                     if cut is not None:
                         self.send_response(200)
                         self.send_header("Content-Length", str(len(data)))

@@ -58,7 +58,7 @@ def fake_model(tmp_path: Path) -> Path:
 
 
 def test_01_missing_model(fake_exe: Path, tmp_path: Path) -> None:
-    with within(1), pytest.raises(ModelNotFound):
+    with within(1), pytest.raises(ModelNotFound, match="absent.gguf"):
         LlamaServer(fake_exe, LlamaServerArgs(model=tmp_path / "absent.gguf")).start()
 
 
@@ -122,7 +122,7 @@ def test_08_executable_that_is_not_llama_server(fake_model: Path, tmp_path: Path
 def test_09_bad_flag_value(llama_exe: Path, tiny_model: Path) -> None:
     with within(10), pytest.raises(StartupError) as info:
         LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, extra_args=["--batch-size", "many"])).start()
-    assert info.value.exit_code not in (None, 0)
+    assert info.value.exit_code not in (None, 0) and info.value.log_tail
 
 
 def test_10_port_already_in_use(fake_exe: Path, fake_model: Path) -> None:
@@ -130,13 +130,15 @@ def test_10_port_already_in_use(fake_exe: Path, fake_model: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with within(1), pytest.raises(StartupError, match="already in use"):
+        with within(1), pytest.raises(StartupError, match=f"port {port} on 127.0.0.1 is already in use"):
             LlamaServer(fake_exe, LlamaServerArgs(model=fake_model, port=port)).start()
 
 
 def test_11_host_that_cannot_bind(fake_exe: Path, fake_model: Path) -> None:
-    with within(1), pytest.raises(StartupError, match="cannot bind"):
-        LlamaServer(fake_exe, LlamaServerArgs(model=fake_model, host="192.0.2.1")).start()
+    server = LlamaServer(fake_exe, LlamaServerArgs(model=fake_model, host="192.0.2.1"))  # TEST-NET-1: not ours
+    with within(1), pytest.raises(StartupError, match=r"cannot bind 192\.0\.2\.1"):
+        server.start()
+    assert not server.is_running()
 
 
 def test_12_invalid_args() -> None:
@@ -149,12 +151,11 @@ def test_12_invalid_args() -> None:
 
 
 def test_13_start_twice(fake_exe: Path, fake_model: Path) -> None:
-    with (
-        LlamaServer(fake_exe, LlamaServerArgs(model=fake_model)) as server,
-        within(1),
-        pytest.raises(ServerAlreadyRunning),
-    ):
-        server.start()
+    with LlamaServer(fake_exe, LlamaServerArgs(model=fake_model)) as server:
+        pid = server.pid
+        with within(1), pytest.raises(ServerAlreadyRunning, match="already running"):
+            server.start()
+        assert server.pid == pid
 
 
 def test_14_stop_twice(fake_exe: Path, fake_model: Path) -> None:
@@ -171,8 +172,9 @@ def test_15_16_calls_before_start_and_after_stop(fake_exe: Path, fake_model: Pat
         server.health()
     server.start()
     server.stop()
-    with within(1), pytest.raises(ServerNotRunning, match="stopped"):
-        server.health()
+    for call in (server.health, lambda: server.tokenize("x")):
+        with within(1), pytest.raises(ServerNotRunning, match="stopped"):
+            call()
 
 
 # -- calls -----------------------------------------------------------------------------------------
@@ -183,31 +185,50 @@ def test_17_invalid_json_body(own_server: LlamaServer) -> None:
     with within(5), pytest.raises(LlamaProcError) as info:
         own_server._call("POST", "/v1/chat/completions", b"{not json")
     assert info.value.http_status in (400, 500)
+    with within(5), pytest.raises(BadRequestError):
+        own_server.chat_completions({"messages": "not a list"})
 
 
 @pytest.mark.integration
 def test_18_unknown_endpoint(own_server: LlamaServer) -> None:
     with within(5), pytest.raises(NotFoundError):
         own_server._call("GET", "/v1/nothing/here")
+    assert own_server.forward("GET", "/v1/nothing/here").status_code == 404  # forward passes it on
 
 
 @pytest.mark.integration
 def test_19_api_key_wrong_or_missing(llama_exe: Path, tiny_model: Path) -> None:
-    with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, api_key="right", n_ctx=256)) as server:
+    with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, api_key="sekrit-key", n_ctx=256)) as server:
+        assert server.models()["data"]  # the server's own client sends the key
+        assert server.forward("GET", "/v1/models", headers={"Authorization": ""}).status_code == 401
         for key in ("wrong", None):
             with LlamaClient(server.base_url, api_key=key) as client, within(5), pytest.raises(AuthenticationError):
                 client.models()
+        assert all("sekrit-key" not in line for line in server.log_tail(200))
+        assert "sekrit-key" not in repr(server)
 
 
 @pytest.mark.integration
 def test_20_server_killed_mid_request(llama_exe: Path, tiny_model: Path) -> None:
-    with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=2048)) as server:
+    with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=2048, slots=True)) as server:
         pid = server.pid
         assert pid is not None
-        threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+        killed = threading.Event()
+
+        def kill_once_generating() -> None:  # while the call waits for its answer, not before
+            if wait_until(lambda: any(slot["is_processing"] for slot in server.slots()), 10, interval=0.01):
+                os.kill(pid, signal.SIGKILL)
+                killed.set()
+
+        killer = threading.Thread(target=kill_once_generating)
+        killer.start()
         request = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 2000, "ignore_eos": True}
-        with within(10), pytest.raises(APIConnectionError) as info:
-            server.chat_completions(request)
+        try:
+            with within(10), pytest.raises(APIConnectionError) as info:
+                server.chat_completions(request)
+        finally:
+            killer.join(15)
+        assert killed.is_set()
         assert not isinstance(info.value, APITimeoutError)
 
 
@@ -247,8 +268,11 @@ def test_23_server_frozen_during_start(fake_exe: Path, fake_model: Path) -> None
     server = LlamaServer(
         fake_exe, LlamaServerArgs(model=fake_model), env={"FAKE_MODE": "silent-hang"}, startup_timeout=0.5
     )
-    with within(5), pytest.raises(StartupTimeout):
+    started = time.monotonic()
+    with within(5), pytest.raises(StartupTimeout) as info:
         server.start()
+    assert time.monotonic() - started >= 0.5  # silent for the whole startup_timeout, then killed
+    assert isinstance(info.value, TimeoutError)
 
 
 @pytest.mark.integration

@@ -26,6 +26,9 @@ from .conftest import in_threads, pid_alive, proc_state, wait_until, within
 
 pytestmark = pytest.mark.integration
 
+#: No call may take this long: a stalled connection waits 5 s; a busy machine adds less than this.
+STALL_BOUND = 2.5
+
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 1}
 
 
@@ -117,7 +120,7 @@ def test_llama_procs_pool_stays_below_the_servers_threads(llama_exe: Path, tiny_
         assert server.client.pool_maxsize == 4
         with within(20):
             times = timed_calls(lambda: server.tokenize("x"), 12, 3)
-    assert max(times) < 1.0
+    assert max(times) < STALL_BOUND
 
 
 def test_a_started_server_gets_more_threads_than_its_pool(llama_exe: Path, tiny_model: Path) -> None:
@@ -129,7 +132,7 @@ def test_a_started_server_gets_more_threads_than_its_pool(llama_exe: Path, tiny_
         for _burst in range(2):  # a burst of new connections, then another after the first went idle
             with within(20):
                 times = timed_calls(lambda: server.chat_completions(CHAT), 32, 1)
-            assert max(times) < 1.0
+            assert max(times) < STALL_BOUND
             time.sleep(3.5)
 
 

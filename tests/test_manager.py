@@ -113,7 +113,7 @@ def test_waiting_is_bounded(manager_factory) -> None:  # type: ignore[no-untyped
         t = time.monotonic()
         with pytest.raises(ServerBusy, match="max_waiting=0"):
             chat(manager, "b")
-        assert time.monotonic() - t < 0.5
+        assert time.monotonic() - t < 2.0  # refused at once, not after waiting for a's stream
 
 
 def test_keep_alive_counts_from_the_end_of_the_stream(manager_factory, recorder: Recorder) -> None:  # type: ignore[no-untyped-def]

@@ -73,5 +73,5 @@ def test_lines_still_arrive_once_batched_and_stop_is_prompt(fake_exe: Path, tmp_
             server.health()  # output is gathering in the pipe while the pumps wait
         t = time.monotonic()
         server.stop()
-        assert time.monotonic() - t < 1.0
+        assert time.monotonic() - t < 2.0  # not held up by the pumps' batching
         assert not any(pump.is_alive() for pump in pumps)
