@@ -16,7 +16,9 @@ from llama_proc import LlamaServer, LlamaServerArgs, binaries
 from llama_proc.errors import ExecutableNotFound
 from llama_proc.tiny_model import ensure_tiny_model
 
-pytest_plugins = ("pytester",)
+# llama_proc's own pytest plugin is loaded here rather than through its entry point (turned off in
+# tox.ini), so that coverage, which starts after entry points load, sees the package imported
+pytest_plugins = ("pytester", "llama_proc.testing")
 
 T = TypeVar("T")
 
