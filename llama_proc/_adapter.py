@@ -35,6 +35,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
+from urllib3.util.timeout import Timeout
 
 from ._version import __version__
 
@@ -106,8 +107,18 @@ class _PoolBehaviour:
     """Idle connections are closed before reuse; a connection that ended a stream is replaced by a
     connected spare (see the module docstring). Mixed into urllib3's pools."""
 
-    #: seconds a caller waits for a free connection when every one is in use (None: no limit)
+    #: seconds a caller waits for a free connection when every one is in use, unless its call has a
+    #: read timeout of its own (None: no limit)
     wait_timeout: float | None = None
+    #: seconds the spare connection opened after a stream may take to connect
+    spare_connect_timeout: float = 5.0
+
+    def urlopen(self, *args: Any, **kwargs: Any) -> Any:
+        # a call waits for a free connection no longer than its own read timeout
+        timeout = kwargs.get("timeout")
+        if kwargs.get("pool_timeout") is None and isinstance(timeout, Timeout) and timeout.read_timeout is not None:
+            kwargs["pool_timeout"] = timeout.read_timeout
+        return super().urlopen(*args, **kwargs)  # type: ignore[misc]
 
     def _get_conn(self, timeout: float | None = None) -> Any:
         conn = super()._get_conn(self.wait_timeout if timeout is None else timeout)  # type: ignore[misc]
@@ -117,24 +128,27 @@ class _PoolBehaviour:
         return conn
 
     def _put_conn(self, conn: Any) -> None:
-        if conn is not None:
-            if getattr(conn, "_llama_proc_spare", False):
+        try:
+            if conn is not None and getattr(conn, "_llama_proc_spare", False):
                 conn.close()
+                conn = None  # the pool's slot comes back empty if no spare can be connected
                 conn = self._spare()
+        finally:
             if conn is not None:
                 conn._llama_proc_idle_since = time.monotonic()
-        super()._put_conn(conn)  # type: ignore[misc]
+            super()._put_conn(conn)  # type: ignore[misc]
 
     def _spare(self) -> Any:
         if getattr(self, "pool", None) is None:  # the pool was closed
             return None
         conn = self._new_conn()  # type: ignore[attr-defined]
+        conn.timeout = self.spare_connect_timeout
         try:
             conn.connect()
-        except OSError:
+        except (OSError, HTTPError):  # refused, unreachable, timed out, a TLS handshake that failed
             conn.close()
             return None
-        return conn
+        return conn  # each request sets its own timeouts on it
 
 
 class _Pool(_PoolBehaviour, HTTPConnectionPool):
@@ -237,6 +251,7 @@ def new_adapters(
     verify: bool | str = True,
     cert: str | tuple[str, str] | None = None,
     wait_timeout: float | None = None,
+    connect_timeout: float = 5.0,
 ) -> tuple[Adapter, Adapter]:
     """Two adapters over one new blocking pool of ``pool_maxsize`` connections to ``base_url``: one
     for calls (retries as :func:`_retries` says) and one for readiness probes (no retries, so a
@@ -255,6 +270,7 @@ def new_adapters(
     maker.cert_verify(pool, base_url, verify, cert)  # type: ignore[no-untyped-call]
     assert isinstance(pool, (_Pool, _TLSPool))
     pool.wait_timeout = wait_timeout
+    pool.spare_connect_timeout = connect_timeout
     return Adapter(pool, _retries(connect_retries)), Adapter(pool, Retry(0, read=False, redirect=False))
 
 
@@ -296,7 +312,7 @@ def prepare(
         if isinstance(body, (bytes, bytearray)):
             data = bytes(body)
         else:
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            data = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")  # NaN is not JSON
             if "Content-Type" not in hdrs:
                 hdrs["Content-Type"] = "application/json"
         hdrs["Content-Length"] = str(len(data))

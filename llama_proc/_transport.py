@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .errors import APIConnectionError, APITimeoutError, InvalidRequest
+from .errors import APIConnectionError, APITimeoutError, ConnectTimeout, InvalidRequest, PoolTimeout
 
 __all__ = ["translate_error"]
 
@@ -27,11 +27,15 @@ def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bo
     suffix = f" ({hint})" if hint else ""
     connect_timeout = _caused_by(exc, u3.ConnectTimeoutError) and not _caused_by(exc, u3.NewConnectionError)
     if isinstance(exc, requests.exceptions.ConnectTimeout) or connect_timeout:
-        return APITimeoutError(f"could not connect in time{suffix}", url)
+        return ConnectTimeout(f"could not connect in time{suffix}", url)
     if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)) or _caused_by(exc, u3.ReadTimeoutError):
         return APITimeoutError(f"no answer within the read timeout{suffix}", url)
     if isinstance(exc, u3.EmptyPoolError):
-        return APITimeoutError(f"every pooled connection stayed busy; no connection was free in time{suffix}", url)
+        return PoolTimeout(
+            f"every pooled connection stayed busy for the read timeout, so nothing was sent; raise pool_maxsize "
+            f"or call from fewer threads at once{suffix}",
+            url,
+        )
     if sending and isinstance(exc, ValueError) and not isinstance(exc, requests.RequestException):
         return InvalidRequest(f"{exc}; nothing was sent")
     if _caused_by(exc, ssl.SSLCertVerificationError):

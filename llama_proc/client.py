@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Union, cast
 from urllib.parse import urlsplit
 
 from ._transport import translate_error
-from .errors import APITimeoutError, ConfigError, make_status_error
+from .errors import (
+    APITimeoutError,
+    ConfigError,
+    ConnectTimeout,
+    InvalidRequest,
+    LlamaProcError,
+    PoolTimeout,
+    make_status_error,
+)
 from .streaming import Stream
 
 if TYPE_CHECKING:
@@ -68,8 +76,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _body_of(response: requests.Response) -> Any:
-    content = response.content
+def _body_of(content: bytes) -> Any:
     try:
         return _json.loads(content)
     except ValueError:
@@ -87,14 +94,16 @@ class Endpoints:
         self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
     ) -> requests.Response:
         """One request; a status >= 400 raises the matching :class:`~llama_proc.errors.APIStatusError`."""
+        client = self._http()
         try:
-            response = self._http()._send_raw(method, path, body, stream=stream, timeout=timeout)
-        except APITimeoutError:
-            self._on_timeout(path)
+            response = client._send_raw(method, path, body, stream=stream, timeout=timeout)
+        except APITimeoutError as exc:
+            if not isinstance(exc, (ConnectTimeout, PoolTimeout)):  # the server got it and did not answer
+                self._on_timeout(path)
             raise
         if response.status_code >= 400:
             try:
-                error_body = _body_of(response)
+                error_body = _body_of(client._read_all(response))
             finally:
                 response.close()
             raise make_status_error(response.status_code, error_body, response.url)
@@ -275,9 +284,15 @@ class LlamaClient(Endpoints):
 
     def _new_adapters(self) -> tuple[_adapter_module.Adapter, _adapter_module.Adapter]:
         pool_maxsize, connect_retries, verify, cert = self._pool_args
-        read_timeout = self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout
+        connect_timeout, read_timeout = self.timeout if isinstance(self.timeout, tuple) else (self.timeout,) * 2
         adapters = self._http_layer.new_adapters(
-            self.base_url, pool_maxsize, connect_retries, verify=verify, cert=cert, wait_timeout=read_timeout
+            self.base_url,
+            pool_maxsize,
+            connect_retries,
+            verify=verify,
+            cert=cert,
+            wait_timeout=read_timeout,
+            connect_timeout=DEFAULT_CONNECT_TIMEOUT if connect_timeout is None else connect_timeout,
         )
         self.session.mount(self.base_url + "/", adapters[0])
         return adapters
@@ -307,7 +322,10 @@ class LlamaClient(Endpoints):
     ) -> requests.Response:
         """Send one request; unless ``stream``, its body is read before this returns. ``probe``
         sends it without retries (readiness checks)."""
-        request = self._prepare(method, path, body, headers)
+        try:
+            request = self._prepare(method, path, body, headers)
+        except (TypeError, ValueError) as exc:  # a body json cannot encode
+            raise InvalidRequest(f"the body cannot be sent as JSON: {exc}; nothing was sent") from None
         adapter = self._probe_adapter if probe else self._adapter
         errors = self._http_layer.TRANSPORT_ERRORS
         try:
@@ -316,17 +334,32 @@ class LlamaClient(Endpoints):
         except errors as exc:
             raise self._translate(exc, request, sending=True) from None
         if not stream:
-            try:
-                response._content = self._http_layer.read_body(response.raw)
-            except errors as exc:
-                response.close()
-                raise self._translate(exc, request) from None
-            response._content_consumed = True  # type: ignore[attr-defined]
+            self._read_all(response)
         return response
 
+    def _read_all(self, response: requests.Response) -> bytes:
+        """The answer's whole body (read once); a failure closes it and raises a typed error."""
+        if not getattr(response, "_content_consumed", False):
+            try:
+                response._content = self._http_layer.read_body(response.raw)
+            except self._http_layer.TRANSPORT_ERRORS as exc:
+                response.close()
+                raise self._translate(exc, response.request) from None
+            response._content_consumed = True  # type: ignore[attr-defined]
+        return response.content
+
     def _translate(self, exc: BaseException, request: requests.PreparedRequest, *, sending: bool = False) -> Exception:
-        hint = self._error_hint() if self._error_hint and not sending else ""
-        return translate_error(exc, request.url or "", hint, sending=sending)
+        url = request.url or ""
+        error = translate_error(exc, url, sending=sending)
+        if (
+            self._error_hint is None
+            or isinstance(error, (InvalidRequest, PoolTimeout))
+            or not isinstance(error, LlamaProcError)
+        ):
+            return error
+        # the hint (how the server's process ended, if it did) only on the error path: it may wait a moment
+        hint = self._error_hint()
+        return translate_error(exc, url, hint, sending=sending) if hint else error
 
     def _probe(self, path: str, timeout: Timeout) -> tuple[int, bytes]:
         """GET ``path`` once, without retries: ``(status, body)``.

@@ -31,6 +31,7 @@ __all__ = [
     "BuildError",
     "ChecksumMismatch",
     "ConfigError",
+    "ConnectTimeout",
     "DownloadError",
     "ExecutableNotFound",
     "HealthCheckError",
@@ -43,6 +44,7 @@ __all__ = [
     "ModelNotRegistered",
     "NotFoundError",
     "PermissionDeniedError",
+    "PoolTimeout",
     "ServerAlreadyRunning",
     "ServerBusy",
     "ServerNotReady",
@@ -430,6 +432,20 @@ class APITimeoutError(APIConnectionError, TimeoutError):
     """The server did not answer within the request timeout."""
 
     code = "api_error-timeout_error"
+
+
+class ConnectTimeout(APITimeoutError):
+    """No connection to the server could be made within the connect timeout (the request was not
+    sent)."""
+
+    code = "api_error-connect_timeout"
+
+
+class PoolTimeout(APITimeoutError):
+    """Every pooled connection stayed busy for the call's whole read timeout, so the request was
+    never sent: more threads call at once than the client keeps connections (``pool_maxsize``)."""
+
+    code = "api_error-pool_timeout"
 
 
 class InvalidRequest(APIError, ValueError):

@@ -224,7 +224,7 @@ def test_20_server_killed_mid_request(llama_exe: Path, tiny_model: Path) -> None
         killer.start()
         request = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 2000, "ignore_eos": True}
         try:
-            with within(10), pytest.raises(APIConnectionError) as info:
+            with within(10), pytest.raises(APIConnectionError, match="exited with status -9") as info:
                 server.chat_completions(request)
         finally:
             killer.join(15)

@@ -24,6 +24,7 @@ from llama_proc.errors import (
     ConfigError,
     InvalidRequest,
     LlamaProcError,
+    PoolTimeout,
 )
 
 from .conftest import wait_until, within
@@ -465,14 +466,69 @@ def test_the_pool_never_opens_more_connections_than_its_size(serve) -> None:  # 
     assert len(server.requests) == 12 and server.connections == 3
 
 
-def test_a_caller_waits_for_a_free_connection_no_longer_than_the_read_timeout(serve) -> None:  # type: ignore[no-untyped-def]
-    server, client = serve(Reply(ok().data, delay=2.0), ok(), pool_maxsize=1, timeout=(1.0, 0.5))
-    busy = threading.Thread(target=lambda: contextlib.suppress(APITimeoutError) and client.health(timeout=5))
-    busy.start()
-    assert wait_until(lambda: len(server.requests) == 1, 2)
-    with within(1.5), pytest.raises(APITimeoutError, match="busy"):
-        client.tokenize("x")
-    busy.join(5)
+class Recording(LlamaClient):
+    """Records the paths that timed out the way a hung server does."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.hung: list[str] = []
+
+    def _on_timeout(self, path: str) -> None:
+        self.hung.append(path)
+
+
+@pytest.mark.parametrize("call_timeout", [None, (1.0, 0.5)])
+def test_a_caller_waits_for_a_free_connection_no_longer_than_its_read_timeout(call_timeout) -> None:  # type: ignore[no-untyped-def]
+    server = ScriptedServer([Reply(ok().data, delay=2.0), ok()])
+    client = Recording(
+        f"http://127.0.0.1:{server.port}", pool_maxsize=1, timeout=(1.0, 0.5 if call_timeout is None else 30)
+    )
+    busy = threading.Thread(target=lambda: client.health(timeout=5))
+    try:
+        busy.start()
+        assert wait_until(lambda: len(server.requests) == 1, 2)
+        with within(1.5), pytest.raises(PoolTimeout, match="pool_maxsize"):
+            client.tokenize("x", timeout=call_timeout or ...)
+        assert client.hung == []  # the client was the bottleneck, not the server
+        busy.join(5)
+        assert len(server.requests) == 1  # nothing was sent
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_read_timeout_is_taken_for_a_hung_server_and_a_refused_connect_is_not(serve) -> None:  # type: ignore[no-untyped-def]
+    server = ScriptedServer([Reply(ok().data, delay=2.0)])
+    client = Recording(f"http://127.0.0.1:{server.port}", timeout=(1.0, 0.3))
+    try:
+        with within(1.5), pytest.raises(APITimeoutError):
+            client.tokenize("x")
+        assert client.hung == ["/tokenize"]
+    finally:
+        client.close()
+        server.close()
+    refused = Recording(f"http://127.0.0.1:{server.port}", connect_retries=0)
+    with within(2), pytest.raises(APIConnectionError):
+        refused.tokenize("x")
+    assert refused.hung == []
+    refused.close()
+
+
+def test_a_body_json_cannot_encode_is_an_invalid_request(serve) -> None:  # type: ignore[no-untyped-def]
+    server, client = serve(ok())
+    circular: list[object] = []
+    circular.append(circular)
+    for body in ({"content": object()}, {"content": circular}, {"content": float("nan")}):
+        with within(1), pytest.raises(InvalidRequest, match="JSON"):
+            client.forward("POST", "/tokenize", json=body)
+    assert server.requests == []
+
+
+def test_a_broken_error_answer_to_a_stream_is_a_typed_error(serve) -> None:  # type: ignore[no-untyped-def]
+    broken = b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    _server, client = serve(Reply(broken, close=True))
+    with within(3), pytest.raises(APIConnectionError):
+        client.completions({"prompt": "x", "stream": True})
 
 
 def sse_reply() -> Reply:
@@ -507,6 +563,21 @@ def test_no_spare_after_a_stream_closed_early(serve) -> None:  # type: ignore[no
     with client.completions({"prompt": "x", "stream": True}) as stream:
         next(stream)
     assert connected_idle(client) == 0
+
+
+def test_a_stream_whose_server_went_away_ends_cleanly_and_keeps_the_pools_slot() -> None:
+    server = ScriptedServer([sse_reply()])
+    client = LlamaClient(f"http://127.0.0.1:{server.port}", pool_maxsize=1, timeout=(1.0, 2.0), connect_retries=0)
+    try:
+        stream = client.completions({"prompt": "x", "stream": True})
+        server.close()  # gone before the stream's end is read: no spare can be connected
+        with within(3):
+            assert list(stream) == [{"choices": []}]
+        assert stream.closed and connected_idle(client) == 0
+        with within(3), pytest.raises(APIConnectionError, match="refused"):  # not a wait for a lost slot
+            client.health()
+    finally:
+        client.close()
 
 
 def test_a_broken_chunked_answer_leaves_no_spare(serve) -> None:  # type: ignore[no-untyped-def]
