@@ -8,6 +8,10 @@ from .errors import APIConnectionError, APITimeoutError, ConnectTimeout, Invalid
 
 __all__ = ["translate_error"]
 
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH: the certificate is
+#: valid but names another host.
+_X509_NAME_MISMATCH = (62, 64)
+
 
 def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bool = False) -> Exception:
     """A transport failure as a :class:`~llama_proc.errors.LlamaProcError`.
@@ -24,9 +28,22 @@ def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bo
     import requests
     import urllib3.exceptions as u3
 
-    suffix = f" ({hint})" if hint else ""
+    advice = ""
+    handshake_timeout = False
+    for link in _chain(exc):
+        if isinstance(link, ssl.SSLCertVerificationError):
+            advice = (
+                "the certificate is not for this host name; use the name it was issued for in the URL"
+                if link.verify_code in _X509_NAME_MISMATCH
+                else "pass verify= the path of the CA bundle that signed the server's certificate"
+            )
+        elif isinstance(link, TimeoutError) and "handshake" in str(link):
+            handshake_timeout = True
+            advice = "the TLS handshake got no answer: does the server speak https? (plain http does not answer it)"
+    notes = "; ".join(note for note in (advice, hint) if note)
+    suffix = f" ({notes})" if notes else ""
     connect_timeout = _caused_by(exc, u3.ConnectTimeoutError) and not _caused_by(exc, u3.NewConnectionError)
-    if isinstance(exc, requests.exceptions.ConnectTimeout) or connect_timeout:
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or connect_timeout or handshake_timeout:
         return ConnectTimeout(f"could not connect in time{suffix}", url)
     if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)) or _caused_by(exc, u3.ReadTimeoutError):
         return APITimeoutError(f"no answer within the read timeout{suffix}", url)
@@ -38,9 +55,6 @@ def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bo
         )
     if sending and isinstance(exc, ValueError) and not isinstance(exc, requests.RequestException):
         return InvalidRequest(f"{exc}; nothing was sent")
-    if _caused_by(exc, ssl.SSLCertVerificationError):
-        advice = "pass verify= the path of the CA bundle that signed the server's certificate"
-        suffix = f" ({advice}; {hint})" if hint else f" ({advice})"
     if isinstance(exc, (requests.RequestException, u3.HTTPError, OSError, ValueError, OverflowError)):
         return APIConnectionError(f"{_describe(exc)}{suffix}", url)
     return exc if isinstance(exc, Exception) else APIConnectionError(repr(exc), url)
@@ -56,6 +70,8 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         inner = getattr(current, "reason", None)
         if not isinstance(inner, BaseException) and current.args and isinstance(current.args[0], BaseException):
             inner = current.args[0]
+        if not isinstance(inner, BaseException):
+            inner = current.__cause__ or current.__context__  # raised while handling the inner one
         current = inner if isinstance(inner, BaseException) else None
 
 

@@ -260,6 +260,8 @@ class LlamaClient(Endpoints):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ConfigError([f"base_url: {base_url!r} is not like http://host:port (or https://host/path)"])
+        if "@" in parts.netloc:  # never sent (requests' auth step is not used) and would show in errors
+            raise ConfigError(["base_url: a user or password in the URL is not supported; pass api_key= instead"])
         try:
             parts.port  # noqa: B018  # raises for a port that is not a number in range
         except ValueError as exc:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import threading
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -146,6 +147,8 @@ class Stream(Iterator[dict[str, Any]]):
         self._on_done = on_done
         self._on_timeout = on_timeout
         self._closed = False
+        self._reading = False  # a thread is inside a read of the body
+        self._lock = threading.Lock()
         self._pid = os.getpid()
         self._iterator = self._chunks()
 
@@ -184,9 +187,11 @@ class Stream(Iterator[dict[str, Any]]):
 
     def close(self) -> None:
         """Close the response (idempotent). Unread data is discarded and the connection dropped."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            reading = self._reading
         try:
             if os.getpid() == self._pid:
                 # a thread blocked reading this stream wakes now, not at its read timeout (closing
@@ -194,7 +199,10 @@ class Stream(Iterator[dict[str, Any]]):
                 # shared with the parent
                 with contextlib.suppress(ValueError, RuntimeError, OSError, AttributeError):
                     self.response.raw.shutdown()
-            self.response.close()
+            if not reading:
+                self.response.close()
+            # else the woken reader closes the response itself: two threads releasing one
+            # connection could put it back into the pool twice
         finally:
             for callback in self._on_close:
                 callback()
@@ -210,8 +218,19 @@ class Stream(Iterator[dict[str, Any]]):
         decode = bool(self.response.headers.get("Content-Encoding"))
         try:
             while True:
-                data = raw.read1(READ_CHUNK, decode_content=decode)
-                if not data:
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._reading = True
+                try:
+                    data = raw.read1(READ_CHUNK, decode_content=decode)
+                finally:
+                    with self._lock:
+                        self._reading = False
+                        closed_meanwhile = self._closed
+                    if closed_meanwhile:
+                        self.response.close()  # close() left it to this thread
+                if not data or closed_meanwhile:
                     return
                 yield data
         except Exception as exc:

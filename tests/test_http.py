@@ -599,10 +599,13 @@ def test_a_base_url_with_a_path_prefixes_every_request() -> None:
     assert [r.split(b" ", 2)[:2] for r in server.requests] == [[b"POST", b"/llama/tokenize"]]
 
 
-@pytest.mark.parametrize("url", ["localhost", "ftp://h:1", "http://h:99999", "http://h:1?q=1", "http://:1"])
+@pytest.mark.parametrize(
+    "url", ["localhost", "ftp://h:1", "http://h:99999", "http://h:1?q=1", "http://:1", "http://u:secret@h:1/llama"]
+)
 def test_a_bad_base_url_is_a_config_error(url: str) -> None:
-    with pytest.raises(ConfigError, match="base_url"):
+    with pytest.raises(ConfigError, match="base_url") as caught:
         LlamaClient(url)
+    assert "secret" not in str(caught.value)
 
 
 def test_a_stream_closed_from_another_thread_while_being_read(serve) -> None:  # type: ignore[no-untyped-def]
@@ -630,6 +633,10 @@ def test_a_stream_closed_from_another_thread_while_being_read(serve) -> None:  #
         reader.join(5)
     assert not reader.is_alive() and stream.closed
     assert len(errors) == 1 and isinstance(errors[0], (APIConnectionError, StopIteration))
+    pool = client._adapter.pool  # the connection went back exactly once
+    slots = list(pool.pool.queue)  # type: ignore[union-attr]
+    assert len(slots) == client.pool_maxsize
+    assert len({id(conn) for conn in slots if conn is not None}) == len([conn for conn in slots if conn is not None])
 
 
 def test_no_descriptor_is_left_open(serve) -> None:  # type: ignore[no-untyped-def]

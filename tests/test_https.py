@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +17,7 @@ import trustme
 from urllib3.exceptions import InsecureRequestWarning
 
 from llama_proc import LlamaServer
-from llama_proc.errors import APIConnectionError, ConfigError
+from llama_proc.errors import APIConnectionError, ConfigError, ConnectTimeout
 
 from .conftest import within
 
@@ -161,8 +162,9 @@ def test_a_certificate_for_another_host_is_refused(tls_server: Any, ca_bundle: s
     server = tls_server("llama.example")
     remote = LlamaServer.attach(url(server), verify=ca_bundle)
     try:
-        with within(10), pytest.raises(APIConnectionError, match="(?i)mismatch|match"):
+        with within(10), pytest.raises(APIConnectionError, match="(?i)mismatch|match") as caught:
             remote.tokenize("x")
+        assert "host name" in str(caught.value)
         assert server.paths == []
     finally:
         remote.stop()
@@ -202,3 +204,13 @@ def test_a_missing_certificate_file_is_a_config_error(option: str, tmp_path: Pat
     with pytest.raises(ConfigError, match="nowhere.pem"):
         LlamaServer.attach("https://127.0.0.1:1", **{option: missing})  # type: ignore[arg-type]
     assert len(os.listdir("/proc/self/fd")) <= descriptors
+
+
+def test_https_to_a_plain_http_server_says_so(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers a TLS hello
+        remote = LlamaServer.attach(f"https://127.0.0.1:{silent.getsockname()[1]}", request_timeout=(0.5, 30))
+        try:
+            with within(5), pytest.raises(ConnectTimeout, match="speak https"):
+                remote.tokenize("x")
+        finally:
+            remote.stop()
