@@ -16,10 +16,10 @@ from typing import Callable, Iterator
 
 from flask import Flask, Response, request, stream_with_context
 
-from llama_proc import LlamaProcError, LlamaServer, LlamaServerArgs, shared_server
+from llama_proc import LlamaProcError, LlamaServer, LlamaServerArgs, RemoteServer, shared_server
 
 
-def relay_response(get_server: Callable[[], LlamaServer]) -> Flask:
+def relay_response(get_server: Callable[[], LlamaServer | RemoteServer]) -> Flask:
     """A Flask app whose ``/v1/chat/completions`` forwards to the server ``get_server()`` returns."""
     app = Flask(__name__)
 

@@ -14,17 +14,25 @@ import os
 
 from flask_app import relay_response
 
-from llama_proc import LlamaServer, LlamaServerArgs, shared_server
+from llama_proc import LlamaServer, LlamaServerArgs, RemoteServer, shared_server
+from llama_proc.remote import DEFAULT_ATTACHED_POOL_SIZE
 
-# runs in the master (with --preload): the one server
-_master = shared_server(LlamaServerArgs.from_env("LLAMA_PROC_")).ensure_started()
+#: gunicorn's worker count (-w, or WEB_CONCURRENCY): each worker keeps up to
+#: DEFAULT_ATTACHED_POOL_SIZE connections, and each connection holds one of the server's HTTP threads
+WORKERS = int(os.environ.get("WEB_CONCURRENCY", "4"))
+
+# runs in the master (with --preload): the one server, with an HTTP thread for every worker connection
+_args = LlamaServerArgs.from_env("LLAMA_PROC_")
+if _args.threads_http is None:
+    _args = _args.evolve(threads_http=WORKERS * DEFAULT_ATTACHED_POOL_SIZE + 8)
+_master = shared_server(_args).ensure_started()
 SERVER_URL = _master.base_url
 API_KEY = _master.args.api_key
 _MASTER_PID = os.getpid()
-_client: LlamaServer | None = None
+_client: RemoteServer | None = None
 
 
-def _server() -> LlamaServer:
+def _server() -> LlamaServer | RemoteServer:
     global _client
     if os.getpid() == _MASTER_PID:
         return _master

@@ -3,10 +3,11 @@
 One urllib3 connection pool per server, shared by the :class:`Adapter` objects of one client. The
 pool and its connections add what llama-server needs and urllib3 leaves to its users:
 
-* a request's header block and a small body go out in one write (one TCP segment instead of two,
-  which spares the server a wake-up and avoids delayed-ACK stalls on fresh connections);
-* a pooled connection idle for :data:`IDLE_LIMIT` seconds is closed before it is used, so a call is
-  never sent on a connection the server is closing at that very moment (its keep-alive ends at 5 s);
+* a request's header block and a small body go out in one write (one system call and one TCP
+  segment instead of two, which spares the server a wake-up);
+* a pooled connection idle for :data:`IDLE_LIMIT` seconds is closed when it is next taken from the
+  pool instead of being used, so a call is never sent on a connection the server is closing at that
+  very moment (its keep-alive ends at 5 s);
 * the pool blocks instead of opening more connections than it holds, so the server's HTTP threads
   (each held by one keep-alive connection) always outnumber the client's connections;
 * a connection that carried a stream to its end (llama-server closes it then) is replaced at once by

@@ -31,9 +31,11 @@ def kill_group(
     kill_wait: float | None = None,
     ended: Callable[[], bool] | None = None,
 ) -> int | None:
-    """Stop the process group led by ``process`` for sure; return its exit code when it is known.
+    """Stop the process group led by ``process``; return its exit code when it is known.
 
-    SIGTERM goes to the whole group (so the processes it started stop too). When
+    SIGTERM (and SIGKILL) go to the whole group, so the processes it started get them too; for a
+    :class:`~subprocess.Popen`, the wait ends when the leader is reaped, and a group member that
+    outlives it is not waited for. When
     ``second_term_after`` is given and the group still runs that long after it (at most half of
     ``timeout``), a second SIGTERM follows: llama-server exits at once on a second one. When the
     group still runs ``timeout`` seconds after the first SIGTERM, SIGKILL; then it is waited for up

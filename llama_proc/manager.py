@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+import attrs
+
 from .config import LlamaServerArgs
 from .errors import ConfigError, ModelNotRegistered, ServerBusy, ServerNotRunning, SharedServerConflict
 from .server import EventKind, Listener, LlamaServer, ServerEvent, emit, owned_servers
@@ -30,7 +32,7 @@ __all__ = ["ServerManager", "shared_server", "stop_all"]
 _log = logging.getLogger("llama_proc.manager")
 
 _lock = threading.Lock()
-_shared: tuple[object, LlamaServer] | None = None
+_shared: tuple[tuple[Any, ...], LlamaServer] | None = None
 _owner_pid = os.getpid()
 
 
@@ -42,8 +44,20 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _describe(args: LlamaServerArgs) -> str:
-    return f"model {args.model}" + (f" (alias {args.alias})" if args.alias else "")
+def _differences(running: tuple[Any, ...], requested: tuple[Any, ...]) -> tuple[str, str]:
+    """What differs between two shared-server keys ``(args, executable, options)``, each side as
+    ``name=value, ...`` (API keys shown as ``***``)."""
+    sides: tuple[list[str], list[str]] = ([], [])
+    for field in attrs.fields(LlamaServerArgs):
+        values = [getattr(key[0], field.name) for key in (running, requested)]
+        if values[0] != values[1]:
+            for side, value in zip(sides, values):
+                side.append(f"{field.name}={'***' if field.name == 'api_key' and value else repr(value)}")
+    for index, name in ((1, "executable"), (2, "options")):
+        if running[index] != requested[index]:
+            for side, key in zip(sides, (running, requested)):
+                side.append(f"{name}={key[index]!r}")
+    return ", ".join(sides[0]), ", ".join(sides[1])
 
 
 def shared_server(
@@ -76,7 +90,7 @@ def shared_server(
             if current_key == key:
                 return current
             if not replace:
-                raise SharedServerConflict(_describe(current.get_server_args()), _describe(args))
+                raise SharedServerConflict(*_differences(current_key, key))
             old = current
         server = LlamaServer(executable_path, args, autostart=True, **options)
         _shared = (key, server)

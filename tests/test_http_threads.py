@@ -26,8 +26,9 @@ from .conftest import in_threads, pid_alive, proc_state, wait_until, within
 
 pytestmark = pytest.mark.integration
 
-#: No call may take this long: a stalled connection waits 5 s; a busy machine adds less than this.
-STALL_BOUND = 2.5
+#: No call may take this long: a stalled connection waits 5 s (until a served connection's
+#: keep-alive runs out); queueing for the server's slots on a busy machine stays well below it.
+STALL_BOUND = 4.0
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 1}
 
@@ -129,7 +130,9 @@ def test_a_started_server_gets_more_threads_than_its_pool(llama_exe: Path, tiny_
         argv = server.process.argv
         threads = int(argv[argv.index("--threads-http") + 1])
         assert threads == server.client.pool_maxsize + HTTP_THREAD_MARGIN
-        for _burst in range(2):  # a burst of new connections, then another after the first went idle
+        # a burst of new connections, then another 3.5 s later on the kept-alive ones, which the
+        # server still holds threads for (where plain clients with a pool of 32 stalled)
+        for _burst in range(2):
             with within(20):
                 times = timed_calls(lambda: server.chat_completions(CHAT), 32, 1)
             assert max(times) < STALL_BOUND

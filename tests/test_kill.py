@@ -13,7 +13,7 @@ import pytest
 
 from llama_proc._kill import kill_group
 
-from .conftest import wait_until
+from .conftest import pid_alive, wait_until
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")
 
@@ -39,14 +39,6 @@ def _child(ignore: int) -> subprocess.Popen[bytes]:
     with proc.stdout:
         assert proc.stdout.readline() == b"ready\n"
     return proc
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_sigterm_is_enough() -> None:
@@ -79,7 +71,7 @@ def test_the_whole_group_goes() -> None:
     grandchild = int(proc.stdout.readline())
     kill_group(proc, 5.0)
     proc.stdout.close()
-    assert wait_until(lambda: not _alive(grandchild), 5), "the group's other process outlived it"
+    assert wait_until(lambda: not pid_alive(grandchild), 5), "the group's other process outlived it"
 
 
 def test_a_reaped_child_is_never_signalled(monkeypatch: pytest.MonkeyPatch) -> None:

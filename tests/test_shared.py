@@ -63,8 +63,12 @@ def test_lazy_start_conflict_and_replace(llama_exe: Path, args: LlamaServerArgs)
     assert server.tokenize("hi")["tokens"]
     assert server.is_running()
     other = args.evolve(alias="other")
-    with pytest.raises(SharedServerConflict, match="replace=True"):
+    with pytest.raises(SharedServerConflict, match="replace=True") as caught:
         shared_server(other, llama_exe)
+    assert "runs alias='shared', but alias='other' was asked for" in str(caught.value)  # what differs, only
+    with pytest.raises(SharedServerConflict, match=r"api_key=\*\*\*") as caught:
+        shared_server(args.evolve(api_key="sekrit"), llama_exe)
+    assert "sekrit" not in str(caught.value)
     first_pid = server.pid
     replacement = shared_server(other, llama_exe, replace=True)
     assert replacement is not server
