@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json as _json
 import os
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Union, cast
 from urllib.parse import urlsplit
@@ -69,7 +70,7 @@ _live_clients: weakref.WeakSet[LlamaClient] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for client in list(_live_clients):
-        client._reset_after_fork()
+        client._drop_inherited()
 
 
 if hasattr(os, "register_at_fork"):
@@ -281,6 +282,8 @@ class LlamaClient(Endpoints):
             raise ConfigError([f"verify/cert: {exc}"]) from None
         # a base URL may carry a path (a server behind a proxy): request targets start with it
         self._prefix = urlsplit(self.base_url).path
+        self._pid = os.getpid()  # the process whose pool this is (see _drop_inherited)
+        self._closed = False
         _live_clients.add(self)
         self._headers = {k: v if isinstance(v, str) else v.decode() for k, v in self.session.headers.items()}
 
@@ -328,6 +331,8 @@ class LlamaClient(Endpoints):
             request = self._prepare(method, path, body, headers)
         except (TypeError, ValueError) as exc:  # a body json cannot encode
             raise InvalidRequest(f"the body cannot be sent as JSON: {exc}; nothing was sent") from None
+        if self._pid != os.getpid():
+            self._own_pool()
         adapter = self._probe_adapter if probe else self._adapter
         errors = self._http_layer.TRANSPORT_ERRORS
         try:
@@ -374,17 +379,36 @@ class LlamaClient(Endpoints):
     def _http(self) -> LlamaClient:
         return self
 
-    def _reset_after_fork(self) -> None:
-        # Pooled sockets are shared with the parent after fork(): reusing them would mix the two
-        # processes' requests on one connection. Drop the child's copies and start a fresh pool.
-        old = self._adapter
-        self._adapter, self._probe_adapter = self._new_adapters()
-        with contextlib.suppress(Exception):
-            old.close()
+    def _drop_inherited(self) -> None:
+        # In a forked child, at once: pooled sockets are shared with the parent, and reusing them
+        # would mix the two processes' requests on one connection. The child closes its copies of
+        # the idle ones; its first call then makes a pool of its own. The inherited pool's lock
+        # may have been held by a parent thread at the fork, and no such thread runs here to
+        # release it: it is made anew, so that closing that pool (urllib3 does at exit) cannot hang.
+        waiting = self._adapter.pool.pool
+        if waiting is None:
+            return
+        waiting.mutex = threading.Lock()
+        waiting.not_empty = threading.Condition(waiting.mutex)
+        waiting.not_full = threading.Condition(waiting.mutex)
+        waiting.all_tasks_done = threading.Condition(waiting.mutex)
+        for conn in list(waiting.queue):
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _own_pool(self) -> None:
+        """A pool of this process's own, after a fork (the inherited one is dropped, never used)."""
+        if not self._closed:
+            self._adapter, self._probe_adapter = self._new_adapters()
+        self._pid = os.getpid()
 
     def close(self) -> None:
         """Close the pooled connections (idempotent); later calls raise
         :class:`~llama_proc.errors.APIConnectionError`."""
+        self._closed = True
+        _live_clients.discard(self)
         self.session.close()
         self._probe_adapter.close()
 

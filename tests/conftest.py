@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
+import signal
 import sys
 import threading
 import time
@@ -209,3 +213,37 @@ def in_threads(work: Callable[[int], T], count: int, timeout: float = 120.0) -> 
         first = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
         raise first
     return results  # type: ignore[return-value]
+
+
+def in_forked_child(fn, timeout: float = 60.0) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Run ``fn`` in a forked child that then exits the way an interpreter does (atexit included);
+    a child that gives no result within ``timeout`` seconds is killed and the test fails."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read_fd)
+        try:
+            result = {"ok": True, **fn()}
+        except BaseException as exc:
+            result = {"ok": False, "error": repr(exc)}
+        os.write(write_fd, json.dumps(result).encode())
+        os.close(write_fd)
+        try:
+            atexit._run_exitfuncs()
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    data = b""
+    deadline = time.monotonic() + timeout
+    with os.fdopen(read_fd, "rb", buffering=0) as fh:
+        while time.monotonic() < deadline:
+            if select.select([fh], [], [], 0.1)[0]:
+                chunk = fh.read(65536)
+                if not chunk:
+                    break
+                data += chunk
+        else:
+            os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert data, f"the forked child gave no result within {timeout} s (hung)"
+    return json.loads(data)  # type: ignore[no-any-return]

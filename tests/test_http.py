@@ -27,7 +27,7 @@ from llama_proc.errors import (
     PoolTimeout,
 )
 
-from .conftest import wait_until, within
+from .conftest import in_forked_child, wait_until, within
 
 
 @attrs.define
@@ -658,3 +658,14 @@ def test_no_descriptor_is_left_open(serve) -> None:  # type: ignore[no-untyped-d
         client.close()
         server.close()
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_forked_child_gets_a_pool_of_its_own_even_when_a_thread_held_the_lock(serve) -> None:  # type: ignore[no-untyped-def]
+    server, client = serve(ok(), ok(b'{"child": true}'), ok(b'{"parent": true}'))
+    client.health()  # one idle pooled connection, inherited by the child
+    pool = client._adapter.pool
+    with pool.pool.mutex:  # type: ignore[union-attr]  # as if another thread were inside the pool at the fork
+        result = in_forked_child(lambda: {"answer": client.health()}, 20)  # and exits without hanging
+    assert result["ok"] and result["answer"] == {"child": True}, result
+    assert client.health() == {"parent": True}  # the parent's pool is untouched
+    assert server.connections == 2  # the child never used the parent's connection

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +12,7 @@ import llama_proc
 from llama_proc import LlamaServer, LlamaServerArgs, SharedServerConflict, shared_server, stop_all
 from llama_proc import manager as manager_mod
 
-from .conftest import children_of, in_threads, pid_alive, wait_until
+from .conftest import children_of, in_forked_child, in_threads, pid_alive, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -101,29 +99,6 @@ def test_attach_owns_no_process(llama_exe: Path, args: LlamaServerArgs) -> None:
         LlamaServer.attach("localhost")
 
 
-def _in_child(fn) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    """Run ``fn`` in a forked child that then exits the way an interpreter does (atexit included)."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        os.close(read_fd)
-        try:
-            result = {"ok": True, **fn()}
-        except BaseException as exc:
-            result = {"ok": False, "error": repr(exc)}
-        os.write(write_fd, json.dumps(result).encode())
-        os.close(write_fd)
-        try:
-            atexit._run_exitfuncs()
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)  # type: ignore[no-any-return]
-
-
 def test_forked_worker_starts_its_own_and_never_kills_the_parents(llama_exe: Path, args: LlamaServerArgs) -> None:
     parent = shared_server(args, llama_exe).ensure_started()
     parent_pid = parent.pid
@@ -140,7 +115,7 @@ def test_forked_worker_starts_its_own_and_never_kills_the_parents(llama_exe: Pat
         mine.ensure_started()  # and it may start again; exit will stop it
         return {"child_server": mine.pid}
 
-    result = _in_child(child)
+    result = in_forked_child(child)
     assert result["ok"], result
     assert parent_pid is not None and pid_alive(parent_pid)
     assert parent.health()["status"] == "ok"
@@ -155,7 +130,7 @@ def test_forked_worker_uses_the_parents_server_through_attach(llama_exe: Path, a
         remote = LlamaServer.attach(url)
         return {"tokens": remote.tokenize("hello world")["tokens"]}
 
-    result = _in_child(child)
+    result = in_forked_child(child)
     assert result == {"ok": True, "tokens": [22172, 3186]}
     assert parent.is_running()
 
