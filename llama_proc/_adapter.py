@@ -42,6 +42,8 @@ from ._version import __version__
 
 __all__ = [
     "IDLE_LIMIT",
+    "MAX_BODY",
+    "BodyTooLarge",
     "TRANSPORT_ERRORS",
     "Adapter",
     "RequestException",
@@ -67,6 +69,10 @@ _COALESCE_LIMIT = 64 * 1024
 #: Answers are read at most this many bytes at a time, so a length the server only claims (or a
 #: runaway chunk size) never makes one huge allocation.
 READ_CHUNK = 64 * 1024
+
+#: A whole answer (decoded) larger than this many bytes is refused rather than held in memory;
+#: ``forward(..., stream=True)`` reads any size in pieces.
+MAX_BODY = 256 * 1024 * 1024
 
 #: What sending a request or reading its answer can raise; :func:`~llama_proc._transport.translate_error`
 #: turns each into a :class:`~llama_proc.errors.LlamaProcError`.
@@ -325,16 +331,29 @@ def prepare(
     return request
 
 
+class BodyTooLarge(ValueError):
+    """An answer (decoded) larger than :data:`MAX_BODY`."""
+
+
 def read_body(raw: BaseHTTPResponse) -> bytes:
-    """The whole (decoded) body of an answer, read :data:`READ_CHUNK` bytes at a time."""
+    """The whole (decoded) body of an answer, read :data:`READ_CHUNK` bytes at a time.
+
+    :raises BodyTooLarge: past :data:`MAX_BODY` bytes (a runaway or hostile server, a gzip bomb).
+    """
     remaining = raw.length_remaining
-    if remaining is not None and remaining <= READ_CHUNK:
-        return raw.read(decode_content=True)
+    if remaining is not None and remaining <= READ_CHUNK and not raw.headers.get("Content-Encoding"):
+        return raw.read(decode_content=False)  # small and not compressed: one read
     parts: list[bytes] = []
+    size = 0
     while True:
         part = raw.read(READ_CHUNK, decode_content=True)
         if not part:
             return b"".join(parts)
+        size += len(part)
+        if size > MAX_BODY:
+            raise BodyTooLarge(
+                f"the answer is larger than {MAX_BODY >> 20} MiB; read it in pieces with forward(..., stream=True)"
+            )
         parts.append(part)
 
 

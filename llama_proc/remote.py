@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from typing import Any
 
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
 from .errors import HealthCheckError, LlamaProcError, ServerNotRunning
@@ -44,9 +45,10 @@ class RemoteServer(Endpoints):
         verify: bool | str = True,
         cert: str | tuple[str, str] | None = None,
     ) -> None:
-        self._client: LlamaClient | None = LlamaClient(
-            base_url, api_key=api_key, timeout=request_timeout, pool_maxsize=pool_maxsize, verify=verify, cert=cert
+        self._options: dict[str, Any] = dict(
+            api_key=api_key, timeout=request_timeout, pool_maxsize=pool_maxsize, verify=verify, cert=cert
         )
+        self._client: LlamaClient | None = LlamaClient(base_url, **self._options)
         self._base_url = self._client.base_url
         self._api_key = api_key
 
@@ -80,15 +82,20 @@ class RemoteServer(Endpoints):
 
     def _http(self) -> LlamaClient:
         if self._client is None:
-            raise ServerNotRunning("it was stopped (an attached server's stop() closes its connections)")
+            raise ServerNotRunning(
+                "it was stopped (an attached server's stop() closes its connections; start() opens them again)"
+            )
         return self._client
 
     def start(self) -> None:
-        """Check that the server answers ``GET /health`` with ``{"status": "ok"}``.
+        """Check that the server answers ``GET /health`` with ``{"status": "ok"}`` (after
+        :meth:`stop`, with a new connection pool).
 
         :raises HealthCheckError: when it answers anything else.
         :raises APIConnectionError: when it cannot be reached.
         """
+        if self._client is None:
+            self._client = LlamaClient(self._base_url, **self._options)
         health = self.health()
         if health.get("status") != "ok":
             raise HealthCheckError(f"{self._base_url}/health answered {health!r}")

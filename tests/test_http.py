@@ -217,6 +217,21 @@ def test_a_gzip_answer_is_decoded(serve) -> None:  # type: ignore[no-untyped-def
     assert client.health() == {"n": 1}
 
 
+def test_a_gzip_bomb_is_refused_in_bounded_memory(serve, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(_adapter, "MAX_BODY", 4 * 1024 * 1024)
+    body = gzip.compress(b"0" * (64 * 1024 * 1024), compresslevel=9)  # 64 MiB from about 64 KiB
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body)
+    _server, client = serve(Reply(head + body, close=True))
+    tracemalloc.start()
+    try:
+        with within(5), pytest.raises(APIConnectionError, match="larger than 4 MiB"):
+            client.health()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024
+
+
 def test_large_body_arrives_whole(serve) -> None:  # type: ignore[no-untyped-def]
     big = b'{"x": "' + b"y" * 3_000_000 + b'"}'
     _server, client = serve(ok(big))

@@ -95,6 +95,11 @@ def test_attach_owns_no_process(llama_exe: Path, args: LlamaServerArgs) -> None:
         assert "attached" in repr(client) and "attached" in client._repr_html_()
         assert client.stop() is None
         assert owner.health()["status"] == "ok"  # untouched
+        with pytest.raises(llama_proc.ServerNotRunning, match="start"):
+            client.models()
+        client.start()  # a new pool: the attached server is usable again
+        assert client.models()["data"][0]["id"] == "shared"
+        client.stop()
     with pytest.raises(llama_proc.ConfigError):
         LlamaServer.attach("localhost")
 
