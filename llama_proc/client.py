@@ -242,6 +242,9 @@ class LlamaClient(Endpoints):
     :param verify: for ``https``: True checks the certificate against the system's CA bundle, a
         path uses that CA bundle (or folder), False checks nothing; as in requests.
     :param cert: for ``https``: a client certificate file, or a ``(cert, key)`` pair.
+
+    Calls go through a private :class:`requests.Session` whose headers are fixed when the client is
+    made; per-call headers go in ``forward(..., headers=...)``.
     """
 
     def __init__(
@@ -274,18 +277,18 @@ class LlamaClient(Endpoints):
         self._error_hint = error_hint
         self._http_layer = _adapter
         self._pool_args = (pool_maxsize, connect_retries, verify, cert)
-        self.session = _adapter.new_session(api_key)
+        self._session = _adapter.new_session(api_key)
         try:
             self._adapter, self._probe_adapter = self._new_adapters()
         except OSError as exc:  # requests checks that the files named by verify= and cert= exist
-            self.session.close()
+            self._session.close()
             raise ConfigError([f"verify/cert: {exc}"]) from None
         # a base URL may carry a path (a server behind a proxy): request targets start with it
         self._prefix = urlsplit(self.base_url).path
         self._pid = os.getpid()  # the process whose pool this is (see _drop_inherited)
         self._closed = False
         _live_clients.add(self)
-        self._headers = {k: v if isinstance(v, str) else v.decode() for k, v in self.session.headers.items()}
+        self._headers = {k: v if isinstance(v, str) else v.decode() for k, v in self._session.headers.items()}
 
     def _new_adapters(self) -> tuple[_adapter_module.Adapter, _adapter_module.Adapter]:
         pool_maxsize, connect_retries, verify, cert = self._pool_args
@@ -299,7 +302,7 @@ class LlamaClient(Endpoints):
             wait_timeout=read_timeout,
             connect_timeout=DEFAULT_CONNECT_TIMEOUT if connect_timeout is None else connect_timeout,
         )
-        self.session.mount(self.base_url + "/", adapters[0])
+        self._session.mount(self.base_url + "/", adapters[0])
         return adapters
 
     @property
@@ -409,7 +412,7 @@ class LlamaClient(Endpoints):
         :class:`~llama_proc.errors.APIConnectionError`."""
         self._closed = True
         _live_clients.discard(self)
-        self.session.close()
+        self._session.close()
         self._probe_adapter.close()
 
     def __enter__(self) -> LlamaClient:

@@ -120,8 +120,8 @@ def test_invalid_json_answer(client: LlamaClient) -> None:
 def test_session_ignores_environment_proxies(monkeypatch: pytest.MonkeyPatch, client: LlamaClient) -> None:
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:1")
-    assert client.session.trust_env is False
-    adapter = client.session.get_adapter(BASE + "/x")
+    assert client._session.trust_env is False
+    adapter = client._session.get_adapter(BASE + "/x")
     assert adapter is client._adapter
     assert client.pool_maxsize == 32 and adapter.pool.block  # type: ignore[attr-defined]
     retry = adapter.max_retries
