@@ -73,6 +73,25 @@ class SSEDecoder:
                 yield event
         self._buffer = buffer[start:]
 
+    def events(self, chunk: bytes) -> Iterator[tuple[str | None, str | bytes]]:
+        """``(event name, data)`` of each event that ``chunk`` completes. A chunk that is exactly
+        one ``data:`` event, with nothing pending (how llama-server sends each token), skips the
+        general parsing, and its data stays bytes."""
+        if (
+            chunk[:6] == b"data: "
+            and chunk[-2:] == b"\n\n"
+            and not self._buffer
+            and not self._data
+            and self._event is None
+            and chunk.count(b"\n") == 2
+            and b"\r" not in chunk
+        ):
+            self._skip_lf = False
+            yield None, chunk[6:-2]
+            return
+        for event in self.feed(chunk):
+            yield event.event, event.data
+
     def flush(self) -> Iterator[ServerSentEvent]:
         """At end of input: the last line, and an event left without its blank line."""
         if self._buffer:
@@ -245,27 +264,37 @@ class Stream(Iterator[dict[str, Any]]):
             raise error from None
 
     def _chunks(self) -> Iterator[dict[str, Any]]:
+        decoder = SSEDecoder()
         try:
-            for event in iter_events(self._raw_chunks()):
-                data = event.data
-                if data == "[DONE]":
+            for data in self._raw_chunks():
+                for name, payload in decoder.events(data):
+                    if payload == b"[DONE]" or payload == "[DONE]":
+                        if self._on_done is not None:
+                            self._on_done()
+                        return
+                    if payload:
+                        yield self._parse(name, payload)
+            for event in decoder.flush():
+                if event.data == "[DONE]":
                     if self._on_done is not None:
                         self._on_done()
                     return
-                if not data:
-                    continue
-                try:
-                    payload = json.loads(data)
-                except ValueError:
-                    raise APIStreamError(
-                        500, {"error": {"message": f"invalid JSON in stream: {data[:200]}"}}, self.url
-                    ) from None
-                if event.event == "error" or (
-                    isinstance(payload, dict) and "error" in payload and "choices" not in payload
-                ):
-                    err = payload.get("error", payload) if isinstance(payload, dict) else payload
-                    code = err.get("code", 500) if isinstance(err, dict) else 500
-                    raise APIStreamError(code if isinstance(code, int) else 500, payload, self.url)
-                yield payload
+                if event.data:
+                    yield self._parse(event.event, event.data)
         finally:
             self.close()
+
+    def _parse(self, name: str | None, data: str | bytes) -> dict[str, Any]:
+        """One event's chunk; an error event raises :class:`~llama_proc.errors.APIStreamError`."""
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            text = data if isinstance(data, str) else data.decode("utf-8", errors="replace")
+            raise APIStreamError(
+                500, {"error": {"message": f"invalid JSON in stream: {text[:200]}"}}, self.url
+            ) from None
+        if name == "error" or (isinstance(payload, dict) and "error" in payload and "choices" not in payload):
+            err = payload.get("error", payload) if isinstance(payload, dict) else payload
+            code = err.get("code", 500) if isinstance(err, dict) else 500
+            raise APIStreamError(code if isinstance(code, int) else 500, payload, self.url)
+        return payload  # type: ignore[no-any-return]
