@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +25,7 @@ import time
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import IO, Any, Mapping, Sequence
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 from . import _registry
 from ._kill import kill_group
@@ -288,6 +290,34 @@ def _terminate(
     return popen.returncode
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """In the main thread: a SIGINT that arrives inside the block raises its KeyboardInterrupt
+    (or runs whatever handler was set) when the block ends, not in the middle of it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are handled in the main thread only
+        return
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler set outside Python: it could not be put back
+        yield
+        return
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
+
+
 def _finalize(
     popen: subprocess.Popen[bytes],
     pumps: Sequence[threading.Thread],
@@ -354,45 +384,58 @@ class ServerProcess:
             kwargs["start_new_session"] = True
         else:  # pragma: no cover - Windows
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        try:
-            popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self._env,
-                cwd=self._cwd,
-                close_fds=True,
-                **kwargs,  # type: ignore[call-overload]
-            )
-        except PermissionError as exc:
-            raise StartupError(f"{self.argv[0]} is not executable ({exc.strerror}); check its permissions") from exc
-        except FileNotFoundError as exc:
-            raise StartupError(f"{self.argv[0]} does not exist") from exc
-        except OSError as exc:
-            raise StartupError(f"cannot run {self.argv[0]}: {exc}") from exc
-        self.started_at = time.monotonic()
-        self._activity.last = self.started_at
-        for stream in (popen.stdout, popen.stderr):
-            _widen_pipe(stream)
+        # Ctrl-C waits until the child is owned (finalizer, guardian, record, pumps): an interrupt
+        # between fork and ownership would leave a server nobody stops
+        with _interrupts_deferred():
+            try:
+                popen = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=self._env,
+                    cwd=self._cwd,
+                    close_fds=True,
+                    **kwargs,  # type: ignore[call-overload]
+                )
+            except PermissionError as exc:
+                raise StartupError(f"{self.argv[0]} is not executable ({exc.strerror}); check its permissions") from exc
+            except FileNotFoundError as exc:
+                raise StartupError(f"{self.argv[0]} does not exist") from exc
+            except OSError as exc:
+                raise StartupError(f"cannot run {self.argv[0]}: {exc}") from exc
+            self._own(popen)
+
+    def _own(self, popen: subprocess.Popen[bytes]) -> None:
+        """Take ownership of a just-spawned child; on any failure (an asynchronous exception
+        included) the child is stopped before the exception propagates."""
         self._popen = popen
         self._owner = os.getpid()
-        _guardian.register(popen.pid)
-        _registry.record(popen.pid, self.argv[0])
-        name = Path(self.argv[0]).name
-        for source, stream in (("stdout", popen.stdout), ("stderr", popen.stderr)):
-            assert stream is not None
-            thread = threading.Thread(
-                target=_pump,
-                args=(stream, self._activity, popen.pid, source),
-                name=f"{name}-{popen.pid}-{source}",
-                daemon=True,
-            )
-            thread.start()
-            self._pumps.append(thread)
+        # the finalizer first: from here on, collection or interpreter exit stops the child
         self._finalizer = weakref.finalize(
-            self, _finalize, popen, tuple(self._pumps), os.getpid(), self._stop_timeout, self._activity.hurry
+            self, _finalize, popen, self._pumps, os.getpid(), self._stop_timeout, self._activity.hurry
         )
+        try:
+            self.started_at = time.monotonic()
+            self._activity.last = self.started_at
+            for stream in (popen.stdout, popen.stderr):
+                _widen_pipe(stream)
+            _guardian.register(popen.pid)
+            _registry.record(popen.pid, self.argv[0])
+            name = Path(self.argv[0]).name
+            for source, stream in (("stdout", popen.stdout), ("stderr", popen.stderr)):
+                assert stream is not None
+                thread = threading.Thread(
+                    target=_pump,
+                    args=(stream, self._activity, popen.pid, source),
+                    name=f"{name}-{popen.pid}-{source}",
+                    daemon=True,
+                )
+                thread.start()
+                self._pumps.append(thread)
+        except BaseException:
+            self._finalizer()  # stops the child and joins what pumps there are
+            raise
 
     # -- state --------------------------------------------------------------------------------
 

@@ -316,18 +316,19 @@ class LlamaServer(Endpoints):
             _log.info("starting %s", " ".join(_redact(argv)))
             proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self._stop_timeout)
             proc.start()
-            self._pending = proc
-            client = LlamaClient(
-                _base_url(args),
-                api_key=args.api_key,
-                timeout=self._request_timeout,
-                pool_maxsize=pool_size,
-                error_hint=self._error_hint,
-            )
+            client: LlamaClient | None = None
             try:
+                self._pending = proc
+                client = LlamaClient(
+                    _base_url(args),
+                    api_key=args.api_key,
+                    timeout=self._request_timeout,
+                    pool_maxsize=pool_size,
+                    error_hint=self._error_hint,
+                )
                 wait_ready(proc, client, self._startup_timeout, self._abort)
             except PortTaken:
-                client.close()
+                client.close()  # type: ignore[union-attr]  # wait_ready raised it: the client exists
                 proc.stop(self._stop_timeout)
                 if fixed_port is not None or attempt == _PORT_ATTEMPTS:
                     raise StartupError(
@@ -337,18 +338,26 @@ class LlamaServer(Endpoints):
                     ) from None
                 _log.info("port %d was taken; retrying on another port", port)
                 continue
+            except BaseException:  # a failed start, an abort by stop(), or Ctrl-C: no server is left
+                if client is not None:
+                    client.close()
+                proc.stop(self._stop_timeout)
+                raise
+            try:
+                proc.batch_output()  # up: from now on the server's speed matters more than a log line's latency
+                self._proc = proc
+                _owned_servers.add(self)
+                self._running_args = args
+                self._stopped = False
+                self._client = client
+                _log.info("llama-server pid %s ready at %s", proc.pid, self.base_url)
+                self._watcher = self._supervisor.watch(proc, self._on_exit)
             except BaseException:
+                self._proc = self._client = None
+                _owned_servers.discard(self)
                 client.close()
                 proc.stop(self._stop_timeout)
                 raise
-            proc.batch_output()  # up: from now on the server's speed matters more than a log line's latency
-            self._proc = proc
-            _owned_servers.add(self)
-            self._running_args = args
-            self._stopped = False
-            self._client = client
-            _log.info("llama-server pid %s ready at %s", proc.pid, self.base_url)
-            self._watcher = self._supervisor.watch(proc, self._on_exit)
             return
 
     def stop(self, timeout: float | None = None) -> int | None:

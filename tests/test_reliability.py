@@ -5,8 +5,12 @@ children from /proc."""
 
 from __future__ import annotations
 
+import gc
 import os
+import random
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +98,55 @@ def test_a_killed_server_on_a_fixed_port_is_restarted_on_it(llama_exe: Path, tin
     finally:
         server.stop()
     assert llama_children() == []
+
+
+def interrupted_start(server: LlamaServer, delay: float) -> bool:
+    """Start ``server`` while a SIGINT arrives ``delay`` seconds in; True when the KeyboardInterrupt
+    came out of start() (False: start() had returned first, and the server runs)."""
+    fired = threading.Event()
+
+    def fire() -> None:
+        time.sleep(delay)
+        os.kill(os.getpid(), signal.SIGINT)
+        fired.set()
+
+    thread = threading.Thread(target=fire)
+    in_start = True
+    try:
+        thread.start()
+        server.start()
+        in_start = False
+        fired.wait(10)
+        time.sleep(1.0)  # the KeyboardInterrupt arrives here at the latest
+        raise AssertionError("no KeyboardInterrupt arrived")
+    except KeyboardInterrupt:
+        return in_start
+    finally:
+        thread.join(10)
+
+
+# a KeyboardInterrupt inside a readiness probe's connect() leaves the half-made socket to the
+# garbage collector (urllib3 closes it on OSError only), which then warns that it closes it
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_ctrl_c_during_start_leaves_no_server(llama_exe: Path, tiny_model: Path) -> None:
+    assert threading.current_thread() is threading.main_thread()
+    server = LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256))
+    started = time.monotonic()
+    server.start()
+    startup = time.monotonic() - started
+    server.stop()
+    interrupted = 0
+    rng = random.Random(10)
+    for trial in range(40):
+        delay = rng.uniform(0, startup * 1.2)
+        if interrupted_start(server, delay):
+            interrupted += 1
+            assert llama_children() == [], f"trial {trial}: a server was left after Ctrl-C {delay * 1e3:.0f} ms in"
+            assert not server.is_running() and server.pid is None
+        else:
+            server.stop()
+    assert interrupted >= 20  # most interrupts landed inside start()
+    with server:  # the object is still usable
+        assert server.tokenize("x")["tokens"]
+    assert llama_children() == []
+    gc.collect()  # the sockets of interrupted probes are closed now, before the leak check
