@@ -101,9 +101,11 @@ def shared_server(
 
 
 def stop_all() -> list[int | None]:
-    """Stop every server this process started (servers of a parent process are left alone).
+    """Stop every server this process started (servers of a parent process are left alone),
+    whatever its state: running, restarting, or still starting, in which case the ``start()``
+    (or the first call that started it) raises :class:`~llama_proc.errors.StartupError`.
 
-    :returns: their exit codes.
+    :returns: their exit codes (None for one stopped before its process existed).
     """
     codes = [server.stop() for server in owned_servers()]
     return codes

@@ -162,6 +162,7 @@ class LlamaServer(Endpoints):
         self._stopped = False
         self._starting = False
         self._pending: ServerProcess | None = None  # the process of a start() in progress
+        self._start_pid = 0  # the process that runs that start()
         self._abort = threading.Event()
         self._last_exit: int | None = None
         self._supervisor = Supervisor(RestartPolicy() if restart is True else (restart or None), listeners, self._label)
@@ -277,12 +278,16 @@ class LlamaServer(Endpoints):
     def _start_marked(self) -> None:
         # with the lock held: start, while calls from other threads see "starting" and stop() can abort
         self._starting = True
+        self._start_pid = os.getpid()
         self._abort.clear()
+        _owned_servers.add(self)  # stop_all() sees it from now on, and aborts the start
         try:
             self._start_locked()
         finally:
             self._starting = False
             self._pending = None
+            if self._proc is None:
+                _owned_servers.discard(self)
 
     def _start_locked(self) -> None:
         model = self._args.model
@@ -314,6 +319,7 @@ class LlamaServer(Endpoints):
             run_args = args if threads_http is None else args.evolve(threads_http=threads_http)
             argv = [str(executable), *run_args.to_args(dialect)]
             _log.info("starting %s", " ".join(_redact(argv)))
+            self._check_abort()
             proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self._stop_timeout)
             proc.start()
             client: LlamaClient | None = None
@@ -344,6 +350,7 @@ class LlamaServer(Endpoints):
                 proc.stop(self._stop_timeout)
                 raise
             try:
+                self._check_abort()  # stop() came as it became ready: it was stopped, not started
                 proc.batch_output()  # up: from now on the server's speed matters more than a log line's latency
                 self._proc = proc
                 _owned_servers.add(self)
@@ -360,6 +367,10 @@ class LlamaServer(Endpoints):
                 raise
             return
 
+    def _check_abort(self) -> None:
+        if self._abort.is_set():
+            raise StartupError("stop() was called while the server was starting", None, self.log_tail())
+
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop the server: SIGTERM (again after a second if it still runs), then SIGKILL once
         ``timeout`` seconds (default ``stop_timeout``) have passed.
@@ -369,10 +380,11 @@ class LlamaServer(Endpoints):
         :returns: the exit code, or None if it was never started.
         """
         self._supervisor.request_stop()
-        pending = self._pending
-        if pending is not None:
+        if self._starting:
             # a start() is in progress in another thread (which holds the lock): make it give up
             self._abort.set()
+        pending = self._pending
+        if pending is not None:
             pending.stop(self._stop_timeout if timeout is None else timeout)
         with self._lock:
             proc = self._proc
@@ -543,8 +555,13 @@ _owned_servers: weakref.WeakSet[LlamaServer] = weakref.WeakSet()
 
 
 def owned_servers() -> list[LlamaServer]:
-    """The servers whose process this Python process started and that still run."""
-    return [s for s in list(_owned_servers) if s._proc is not None and s._proc.owned]
+    """The servers whose process this Python process started and that still run or are starting."""
+    pid = os.getpid()
+    return [
+        s
+        for s in list(_owned_servers)
+        if (s._proc is not None and s._proc.owned) or (s._starting and s._start_pid == pid)
+    ]
 
 
 def _redact(argv: list[str]) -> list[str]:

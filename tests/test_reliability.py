@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_proc import EventKind, LlamaServer, LlamaServerArgs, RestartPolicy, ServerEvent
+from llama_proc import EventKind, LlamaServer, LlamaServerArgs, RestartPolicy, ServerEvent, shared_server, stop_all
+from llama_proc.errors import LlamaProcError, StartupError
 from llama_proc.readiness import free_port
 
 from .conftest import children_of, pid_alive, wait_until, within
@@ -150,3 +151,34 @@ def test_ctrl_c_during_start_leaves_no_server(llama_exe: Path, tiny_model: Path)
         assert server.tokenize("x")["tokens"]
     assert llama_children() == []
     gc.collect()  # the sockets of interrupted probes are closed now, before the leak check
+
+
+def first_call(server: LlamaServer, outcome: list[object]) -> None:
+    try:
+        outcome.append(server.tokenize("x"))
+    except LlamaProcError as exc:
+        outcome.append(exc)
+
+
+def test_stop_all_aborts_a_server_that_is_still_starting(llama_exe: Path, tiny_model: Path) -> None:
+    args = LlamaServerArgs(model=tiny_model, n_ctx=256, alias="aborted")
+    aborted = 0
+    for delay in (0.0, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.02, 0.05):
+        server = shared_server(args, llama_exe)  # autostarts on its first call
+        outcome: list[object] = []
+        caller = threading.Thread(target=first_call, args=(server, outcome))
+        caller.start()
+        assert wait_until(lambda s=server, o=outcome: s._starting or s.is_running() or bool(o), 10)  # type: ignore[misc]
+        time.sleep(delay)
+        with within(10):
+            stopped = stop_all()
+        caller.join(30)
+        assert not caller.is_alive() and len(outcome) == 1
+        assert llama_children() == [], f"a server kept running after stop_all() {delay * 1e3:.0f} ms in"
+        if isinstance(outcome[0], StartupError):
+            assert "stop() was called while the server was starting" in str(outcome[0])
+            assert stopped == [None] or len(stopped) == 1  # stop_all saw it and stopped it
+            aborted += 1
+        else:
+            assert len(stopped) == 1  # it was up already: stopped like any running server
+    assert aborted >= 3, aborted
