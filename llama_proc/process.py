@@ -106,6 +106,26 @@ class _Guardian:
         except (OSError, subprocess.TimeoutExpired):  # pragma: no cover - best effort at exit
             pass
 
+    def after_fork_in_child(self) -> None:
+        """In a forked child: let go of the parent's guardian. The child's copy of the pipe's write
+        end would keep the guardian from seeing end-of-file when the parent dies (SIGKILL
+        included) for as long as the child lives. The descriptor is pointed at /dev/null rather
+        than closed, so that the inherited file object never closes a number reused since; no
+        lock is taken (a parent thread may have held it at the fork)."""
+        self._lock = threading.Lock()
+        proc, self._proc = self._proc, None  # a server the child starts gets a guardian of its own
+        stdin = proc.stdin if proc is not None else None
+        if stdin is None:
+            return
+        try:
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.dup2(null, stdin.fileno(), inheritable=False)
+            finally:
+                os.close(null)
+        except (OSError, ValueError):  # pragma: no cover - closed already
+            pass
+
     def _send(self, line: bytes, create: bool) -> None:
         with self._lock:
             proc = self._ensure() if create else (self._proc if self._owner == os.getpid() else None)
@@ -132,6 +152,8 @@ class _Guardian:
 
 
 _guardian = _Guardian()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_guardian.after_fork_in_child)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,6 +87,43 @@ def test_sigkilled_parent_twenty_trials(llama_exe: Path, tiny_model: Path, trial
             os.kill(server_pid, signal.SIGKILL)
 
 
+FORKING_CHILD = textwrap.dedent(
+    """
+    import multiprocessing, sys, time
+    from llama_proc import LlamaServer, LlamaServerArgs
+    server = LlamaServer(sys.argv[1], LlamaServerArgs(model=sys.argv[2], n_ctx=256))
+    server.start()
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()  # inherits everything the owner has open
+    print(server.pid, worker.pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_a_forked_worker_does_not_keep_a_killed_owners_servers_alive(
+    llama_exe: Path, tiny_model: Path, trial: int
+) -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c", FORKING_CHILD, str(llama_exe), str(tiny_model)],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert owner.stdout is not None
+    server_pid, worker_pid = map(int, owner.stdout.readline().split())
+    try:
+        assert pid_alive(worker_pid)
+        owner.kill()
+        owner.wait(10)
+        assert wait_until(lambda: not pid_alive(server_pid), 5), f"trial {trial}: the worker kept the server alive"
+        assert pid_alive(worker_pid)  # the worker still runs: it did not take the server down by exiting
+    finally:
+        owner.stdout.close()
+        for pid in (worker_pid, server_pid):
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 REAP_CHILD = textwrap.dedent(
     """
     import sys, time
