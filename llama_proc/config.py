@@ -42,6 +42,8 @@ class FlagDialect:
     no_webui: str = "--no-webui"
     #: The flag that turns the web UI on, or None where the build has none.
     webui: str | None = "--webui"
+    #: ``--api-key-file FNAME`` exists (newer), so the key need not be on the command line.
+    api_key_file: bool = True
 
 
 def _to_path(value: Any) -> Any:
@@ -300,10 +302,14 @@ class LlamaServerArgs:
 
     # -- argv ---------------------------------------------------------------------------------
 
-    def to_args(self, dialect: FlagDialect | None = None) -> list[str]:
+    def to_args(
+        self, dialect: FlagDialect | None = None, *, api_key_file: str | os.PathLike[str] | None = None
+    ) -> list[str]:
         """The exact argv (without the executable) for these settings.
 
         :param dialect: the flag spellings of the target build; the newest by default.
+        :param api_key_file: a file that holds ``api_key``: passed as ``--api-key-file`` instead of
+            the key itself, where the build has that flag, so the key is not in the process list.
         """
         d = dialect or FlagDialect()
         argv: list[str] = []
@@ -313,7 +319,10 @@ class LlamaServerArgs:
         if self.embeddings:
             argv.append("--embeddings")
         if self.api_key is not None:
-            argv += ["--api-key", self.api_key]
+            if api_key_file is not None and d.api_key_file:
+                argv += ["--api-key-file", os.fspath(api_key_file)]
+            else:
+                argv += ["--api-key", self.api_key]
         argv += ["--host", self.host]
         if self.port is not None:
             argv += ["--port", str(self.port)]

@@ -17,6 +17,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
+from . import _registry
 from ._registry import reap_stale
 from .binaries import find_executable, library_env
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
@@ -317,12 +318,22 @@ class LlamaServer(Endpoints):
             port = fixed_port if fixed_port is not None else free_port(self._args.host)
             args = base_args if fixed_port is not None else base_args.evolve(port=port)
             run_args = args if threads_http is None else args.evolve(threads_http=threads_http)
-            argv = [str(executable), *run_args.to_args(dialect)]
-            _log.info("starting %s", " ".join(_redact(argv)))
             self._check_abort()
-            proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self._stop_timeout)
-            proc.start()
+            # the key goes in a file only this user can read, not on the command line where every
+            # local user sees it; llama-server reads it while starting, and it is removed after
+            key_file = (
+                _registry.write_key_file(args.api_key) if args.api_key and _KEY_FILES and dialect.api_key_file else None
+            )
             client: LlamaClient | None = None
+            try:
+                argv = [str(executable), *run_args.to_args(dialect, api_key_file=key_file)]
+                _log.info("starting %s", " ".join(_redact(argv)))
+                proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self._stop_timeout)
+                proc.start()
+            except BaseException:
+                if key_file is not None:
+                    _registry.remove_key_file(key_file)
+                raise
             try:
                 self._pending = proc
                 client = LlamaClient(
@@ -349,6 +360,9 @@ class LlamaServer(Endpoints):
                     client.close()
                 proc.stop(self._stop_timeout)
                 raise
+            finally:
+                if key_file is not None:
+                    _registry.remove_key_file(key_file)
             try:
                 self._check_abort()  # stop() came as it became ready: it was stopped, not started
                 proc.batch_output()  # up: from now on the server's speed matters more than a log line's latency
@@ -552,6 +566,9 @@ def _sized(args: LlamaServerArgs) -> tuple[int | None, int]:
 
 
 _owned_servers: weakref.WeakSet[LlamaServer] = weakref.WeakSet()
+
+#: Pass API keys to llama-server in a file (``--api-key-file``) where files can be made private.
+_KEY_FILES = os.name == "posix"
 
 
 def owned_servers() -> list[LlamaServer]:

@@ -47,6 +47,8 @@ FLAG_CHANGES: tuple[FlagChange, ...] = (
     FlagChange("flash_attn_value", "--flash-attn on|off|auto", "--flash-attn (a switch)", _flash_attn_takes_value),
     FlagChange("no_webui", "--no-webui", "--no-ui", lambda flags, text: "--no-webui" in flags),
     FlagChange("webui", "--webui", "--ui (or none)", lambda flags, text: "--webui" in flags),
+    FlagChange("api_key_file", "--api-key-file FNAME", "--api-key KEY only",
+               lambda flags, text: "--api-key-file" in flags),
 )  # fmt: skip
 
 _FLAG_RE = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
@@ -60,7 +62,7 @@ def dialect_from_help(text: str) -> FlagDialect:
     values: dict[str, object] = {}
     for change in FLAG_CHANGES:
         newer = change.newer_if(flags, text)
-        if change.setting in ("load_mode", "flash_attn_value"):
+        if change.setting in ("load_mode", "flash_attn_value", "api_key_file"):
             values[change.setting] = newer
         elif change.setting == "no_webui":
             values[change.setting] = "--no-webui" if newer else "--no-ui"

@@ -65,6 +65,9 @@ def main() -> int:
     load_seconds = float(os.environ.get("FAKE_LOAD_SECONDS", "0.5")) if "slow-load" in MODES else 0.0
     started = time.monotonic()
     api_key = arg("--api-key", "")
+    if "--api-key-file" in sys.argv:
+        with open(arg("--api-key-file", ""), encoding="utf-8") as fh:
+            api_key = fh.readline().strip()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"

@@ -9,13 +9,24 @@ import gc
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from llama_proc import EventKind, LlamaServer, LlamaServerArgs, RestartPolicy, ServerEvent, shared_server, stop_all
+from llama_proc import (
+    EventKind,
+    LlamaServer,
+    LlamaServerArgs,
+    RestartPolicy,
+    ServerEvent,
+    _registry,
+    shared_server,
+    stop_all,
+)
+from llama_proc._paths import private_cache_dir
 from llama_proc.errors import LlamaProcError, StartupError
 from llama_proc.readiness import free_port
 
@@ -182,3 +193,44 @@ def test_stop_all_aborts_a_server_that_is_still_starting(llama_exe: Path, tiny_m
         else:
             assert len(stopped) == 1  # it was up already: stopped like any running server
     assert aborted >= 3, aborted
+
+
+def cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return [part.decode() for part in fh.read().split(b"\0") if part]
+
+
+def key_files() -> list[Path]:
+    return sorted((private_cache_dir() / "run").glob("key-*"))
+
+
+def test_the_api_key_is_not_on_the_command_line(llama_exe: Path, tiny_model: Path) -> None:
+    before = key_files()
+    with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256, api_key="auto")) as server:
+        key = server.api_key
+        assert key and server.pid is not None
+        argv = cmdline(server.pid)
+        assert not any(key in part for part in argv)  # what every local user can read (ps, /proc)
+        key_file = Path(argv[argv.index("--api-key-file") + 1])
+        assert not key_file.exists()  # read while starting, removed once it runs
+        assert key_files() == before
+        assert server.models()["data"]  # the key works
+        assert server.forward("GET", "/v1/models", headers={"Authorization": ""}).status_code == 401
+        assert llama_children() == [server.pid]
+    assert llama_children() == []
+
+
+def test_key_files_of_a_dead_owner_are_reaped(tmp_path: Path) -> None:
+    run = private_cache_dir() / "run"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = run / f"key-{dead.pid}-12345-0123456789abcdef"  # its writer died before removing it
+    left.write_text("k\n")
+    mine = _registry.write_key_file("k")  # its writer (this process) runs: kept
+    try:
+        _registry.reap_stale()
+        assert not left.exists() and mine.exists()
+        assert mine.stat().st_mode & 0o777 == 0o600
+    finally:
+        _registry.remove_key_file(mine)
+        _registry.remove_key_file(left)

@@ -61,8 +61,16 @@ def test_logged_command_line_is_redacted(fake_exe: Path, tmp_path: Path, caplog:
     with LlamaServer(fake_exe, LlamaServerArgs(model=model, api_key="s3cret-value")):
         pass
     starting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("starting ")]
-    assert starting and "--api-key ***" in starting[0]
+    assert starting and "--api-key-file " in starting[0]  # the key is in a file, not on the command line
     assert not any("s3cret-value" in r.getMessage() for r in caplog.records)
+
+
+def test_a_key_on_the_command_line_is_redacted_in_the_log() -> None:
+    from llama_proc.server import _redact
+
+    assert _redact(["llama-server", "--api-key", "s3cret-value", "--port", "1"]) == [
+        "llama-server", "--api-key", "***", "--port", "1",
+    ]  # fmt: skip
 
 
 def test_no_shell_anywhere() -> None:

@@ -14,6 +14,8 @@ NEW_HELP = """
 -lm,   --load-mode MODE                 model loading mode (default: auto)
 --ui-mcp-proxy, --webui-mcp-proxy, --no-ui-mcp-proxy, --no-webui-mcp-proxy
 --ui,  --webui, --no-ui, --no-webui     whether to enable the Web UI (default: enabled)
+--api-key KEY                           API key to use for authentication
+--api-key-file FNAME                    path to file containing API keys
 """
 OLD_HELP = """
 -m,    --model FNAME                    model path
@@ -31,16 +33,29 @@ UI_ONLY_HELP = """
 
 def test_dialects_from_help() -> None:
     assert dialect_from_help(NEW_HELP) == FlagDialect(
-        load_mode=True, flash_attn_value=True, no_webui="--no-webui", webui="--webui"
+        load_mode=True, flash_attn_value=True, no_webui="--no-webui", webui="--webui", api_key_file=True
     )
     assert dialect_from_help(OLD_HELP) == FlagDialect(
-        load_mode=False, flash_attn_value=False, no_webui="--no-webui", webui=None
+        load_mode=False, flash_attn_value=False, no_webui="--no-webui", webui=None, api_key_file=False
     )
     assert dialect_from_help(UI_ONLY_HELP) == FlagDialect(
-        load_mode=False, flash_attn_value=True, no_webui="--no-ui", webui="--ui"
+        load_mode=False, flash_attn_value=True, no_webui="--no-ui", webui="--ui", api_key_file=False
     )
     assert dialect_from_help("garbage") == FlagDialect()  # unreadable: newest spelling
-    assert {c.setting for c in FLAG_CHANGES} == {"load_mode", "flash_attn_value", "no_webui", "webui"}
+    assert {c.setting for c in FLAG_CHANGES} == {"load_mode", "flash_attn_value", "no_webui", "webui", "api_key_file"}
+
+
+def test_the_key_goes_in_a_file_where_the_build_reads_one() -> None:
+    args = LlamaServerArgs(model="m", api_key="k3y")
+    assert args.to_args(dialect_from_help(NEW_HELP), api_key_file="/run/k")[:4] == [
+        "--model",
+        "m",
+        "--api-key-file",
+        "/run/k",
+    ]
+    older = args.to_args(dialect_from_help(OLD_HELP), api_key_file="/run/k")  # no such flag: the key itself
+    assert older[2:4] == ["--api-key", "k3y"] and "/run/k" not in older
+    assert args.to_args(dialect_from_help(NEW_HELP))[2:4] == ["--api-key", "k3y"]  # no file given
 
 
 def test_argv_follows_the_dialect() -> None:
