@@ -164,6 +164,7 @@ class LlamaServer(Endpoints):
         self._starting = False
         self._pending: ServerProcess | None = None  # the process of a start() in progress
         self._start_pid = 0  # the process that runs that start()
+        self._port_note = ""  # how a restart's port differs from the one it replaced
         self._abort = threading.Event()
         self._last_exit: int | None = None
         self._supervisor = Supervisor(RestartPolicy() if restart is True else (restart or None), listeners, self._label)
@@ -276,21 +277,24 @@ class LlamaServer(Endpoints):
             self._start_marked()
         self._supervisor.emit(EventKind.START, f"pid {self.pid} at {self.base_url}")
 
-    def _start_marked(self) -> None:
+    def _start_marked(self, keep: LlamaServerArgs | None = None) -> None:
         # with the lock held: start, while calls from other threads see "starting" and stop() can abort
         self._starting = True
         self._start_pid = os.getpid()
         self._abort.clear()
         _owned_servers.add(self)  # stop_all() sees it from now on, and aborts the start
         try:
-            self._start_locked()
+            self._start_locked(keep)
         finally:
             self._starting = False
             self._pending = None
             if self._proc is None:
                 _owned_servers.discard(self)
 
-    def _start_locked(self) -> None:
+    def _start_locked(self, keep: LlamaServerArgs | None = None) -> None:
+        """Start the process and wait until it is ready. ``keep``: the arguments of the process this
+        one replaces (a restart), whose chosen port and generated key it keeps, so that clients
+        given ``base_url`` and ``api_key`` (attached workers) reach it again."""
         model = self._args.model
         if not model.is_file():
             raise ModelNotFound(str(model))
@@ -301,13 +305,23 @@ class LlamaServer(Endpoints):
         fixed_port = self._args.port
         if fixed_port is not None:
             check_port_free(self._args.host, fixed_port)
+        preferred = keep.port if keep is not None and fixed_port is None else None
+        self._port_note = ""
+        if preferred is not None:
+            try:
+                check_port_free(self._args.host, preferred)
+            except StartupError:
+                self._port_note = f"; its port {preferred} was taken, so it listens on a new one"
+                preferred = None
         env = {**os.environ, **self._env} if self._env else None
         env = library_env(executable, env) or env
         threads_http, pool_size = _sized(self._args)
         base_args = self._args
         if base_args.api_key == "auto":
-            # a strong key for this run; the client sends it, `server.api_key` tells it to others
-            base_args = base_args.evolve(api_key=secrets.token_urlsafe(32))
+            # a strong key for this run (a restart keeps it); the client sends it, `server.api_key`
+            # tells it to others
+            kept = keep.api_key if keep is not None else None
+            base_args = base_args.evolve(api_key=kept or secrets.token_urlsafe(32))
         if base_args.api_key is None and not is_loopback(base_args.host):
             _log.warning(
                 "llama-server will listen on %s without an API key: anyone who can reach it can use it; "
@@ -315,7 +329,12 @@ class LlamaServer(Endpoints):
                 base_args.host,
             )
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = fixed_port if fixed_port is not None else free_port(self._args.host)
+            if fixed_port is not None:
+                port = fixed_port
+            elif attempt == 1 and preferred is not None:
+                port = preferred
+            else:
+                port = free_port(self._args.host)
             args = base_args if fixed_port is not None else base_args.evolve(port=port)
             run_args = args if threads_http is None else args.evolve(threads_http=threads_http)
             self._check_abort()
@@ -354,6 +373,8 @@ class LlamaServer(Endpoints):
                         proc.log_tail(),
                     ) from None
                 _log.info("port %d was taken; retrying on another port", port)
+                if port == preferred:
+                    self._port_note = f"; its port {preferred} was taken, so it listens on a new one"
                 continue
             except BaseException:  # a failed start, an abort by stop(), or Ctrl-C: no server is left
                 if client is not None:
@@ -486,8 +507,8 @@ class LlamaServer(Endpoints):
             if old is not None:
                 old.stop(0)  # reap it and join its pumps
                 _owned_servers.discard(self)
-            self._start_marked()
-        return f"pid {self.pid} at {self.base_url}"
+            self._start_marked(keep=self._running_args)
+        return f"pid {self.pid} at {self.base_url}{self._port_note}"
 
     def _error_hint(self) -> str:
         # only on the error path: a connection that broke often means the process is dying; give it a

@@ -9,6 +9,7 @@ import gc
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -234,3 +235,46 @@ def test_key_files_of_a_dead_owner_are_reaped(tmp_path: Path) -> None:
     finally:
         _registry.remove_key_file(mine)
         _registry.remove_key_file(left)
+
+
+def test_a_restart_keeps_the_port_and_the_key(llama_exe: Path, tiny_model: Path) -> None:
+    events: list[ServerEvent] = []
+    args = LlamaServerArgs(model=tiny_model, n_ctx=256, api_key="auto")  # port=None: llama_proc picks it
+    server = LlamaServer(llama_exe, args, restart=RestartPolicy(backoff=0.05), listeners=[events.append])
+    server.start()
+    url, key = server.base_url, server.api_key
+    worker = LlamaServer.attach(url, key)  # as a forked web worker would
+    try:
+        assert worker.tokenize("x")["tokens"]
+        for crash in (1, 2):
+            first = server.pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            assert wait_until(lambda n=crash: [e.kind for e in events].count(EventKind.RESTART) == n, 15), events
+            assert server.pid != first and server.base_url == url and server.api_key == key
+            assert worker.tokenize("x")["tokens"]  # the worker's URL and key still reach it
+            assert llama_children() == [server.pid]
+    finally:
+        worker.stop()
+        server.stop()
+    assert llama_children() == []
+
+
+def test_a_restart_whose_port_was_taken_moves_and_says_so(llama_exe: Path, tiny_model: Path) -> None:
+    events: list[ServerEvent] = []
+    args = LlamaServerArgs(model=tiny_model, n_ctx=256)
+    server = LlamaServer(llama_exe, args, restart=RestartPolicy(backoff=1.0), listeners=[events.append])
+    try:
+        server.start()
+        old_port = server.port
+        assert server.pid is not None and old_port is not None
+        os.kill(server.pid, signal.SIGKILL)
+        assert wait_until(lambda: EventKind.CRASH in [e.kind for e in events], 10)
+        with socket.create_server(("127.0.0.1", old_port)):  # someone takes it during the backoff
+            assert wait_until(lambda: EventKind.RESTART in [e.kind for e in events], 15), events
+        restart = next(e for e in events if e.kind is EventKind.RESTART)
+        assert f"port {old_port} was taken" in restart.detail
+        assert server.port != old_port and server.tokenize("x")["tokens"]
+    finally:
+        server.stop()
+    assert llama_children() == []
