@@ -130,8 +130,8 @@ def interrupted_start(server: LlamaServer, delay: float) -> bool:
         server.start()
         in_start = False
         fired.wait(10)
-        time.sleep(1.0)  # the KeyboardInterrupt arrives here at the latest
-        raise AssertionError("no KeyboardInterrupt arrived")
+        time.sleep(1.0)  # the KeyboardInterrupt arrives here at the latest, unless Python dropped it
+        return False  # (raised inside a weakref callback or __del__, it is printed and lost)
     except KeyboardInterrupt:
         return in_start
     finally:
