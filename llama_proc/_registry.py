@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import os
-import secrets
 import sys
 from pathlib import Path
 
@@ -79,44 +78,6 @@ def forget(pid: int) -> None:
             (_run_dir() / f"{pid}.json").unlink()
 
 
-_KEY_PREFIX = "key-"
-
-
-def write_key_file(key: str) -> Path:
-    """A new file that only this user can read, holding ``key`` for ``--api-key-file``. Its name
-    carries this process's pid and start time, so :func:`reap_stale` can tell when its writer died."""
-    me = os.getpid()
-    path = _run_dir() / f"{_KEY_PREFIX}{me}-{start_time(me) or 0}-{secrets.token_hex(8)}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags, 0o600)
-    try:
-        os.write(fd, key.encode("utf-8") + b"\n")
-    except BaseException:
-        os.close(fd)
-        path.unlink()
-        raise
-    os.close(fd)
-    return path
-
-
-def remove_key_file(path: Path) -> None:
-    """Remove a key file (llama-server reads it while starting, so it is not needed once it runs)."""
-    with contextlib.suppress(OSError):
-        path.unlink()
-
-
-def _reap_key_files(run: Path) -> None:
-    for path in run.glob(f"{_KEY_PREFIX}*"):
-        try:
-            _, owner, owner_start, _token = path.name.split("-")
-            now, then = start_time(int(owner)), int(owner_start)
-            gone = now is None or (then != 0 and now != then)  # its writer ended (or the pid was reused)
-        except ValueError:
-            gone = True
-        if gone:
-            remove_key_file(path)
-
-
 def _ended(pid: int) -> bool:
     return start_time(pid) is None
 
@@ -132,7 +93,6 @@ def reap_stale(timeout: float = 5.0) -> list[int]:
     reaped: list[int] = []
     try:
         records = list(_run_dir().glob("*.json"))
-        _reap_key_files(_run_dir())  # left by an owner that died while its server started
     except OSError:
         return []
     for path in records:

@@ -51,6 +51,7 @@ __all__ = [
     "ServerNotRunning",
     "ServiceUnavailableError",
     "SharedServerConflict",
+    "StartupAborted",
     "StartupError",
     "StartupTimeout",
     "UnprocessableEntityError",
@@ -275,6 +276,13 @@ class StartupError(LlamaProcError):
 
     def _kwargs(self) -> dict[str, Any]:
         return {"reason": self.reason, "exit_code": self.exit_code, "log_tail": self.log_tail}
+
+
+class StartupAborted(StartupError):
+    """:meth:`~llama_proc.LlamaServer.stop` (or :func:`~llama_proc.stop_all`) was called while the
+    server was starting: the start gave up and left no process."""
+
+    code = "server_error-startup_aborted"
 
 
 class StartupTimeout(StartupError, TimeoutError):

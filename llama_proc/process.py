@@ -114,7 +114,12 @@ class _Guardian:
         lock is taken (a parent thread may have held it at the fork)."""
         self._lock = threading.Lock()
         proc, self._proc = self._proc, None  # a server the child starts gets a guardian of its own
-        stdin = proc.stdin if proc is not None else None
+        if proc is None:
+            return
+        # never freed in the child: freeing would close its pipe file (whose lock a parent thread
+        # may have held at the fork) and warn that the guardian "is still running"
+        _inherited.append(proc)
+        stdin = proc.stdin
         if stdin is None:
             return
         try:
@@ -152,6 +157,7 @@ class _Guardian:
 
 
 _guardian = _Guardian()
+_inherited: list[subprocess.Popen[bytes]] = []  # a forked child's copies of its parent's guardian
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_guardian.after_fork_in_child)
 
@@ -377,8 +383,10 @@ class ServerProcess:
         cwd: str | os.PathLike[str] | None = None,
         log_lines: int = 200,
         stop_timeout: float = 10.0,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.argv = list(argv)
+        self._pass_fds = tuple(pass_fds)
         self._env = dict(env) if env is not None else None
         self._cwd = cwd
         self._activity = _Activity(log_lines)
@@ -407,26 +415,36 @@ class ServerProcess:
         else:  # pragma: no cover - Windows
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
         # Ctrl-C waits until the child is owned (finalizer, guardian, record, pumps): an interrupt
-        # between fork and ownership would leave a server nobody stops
-        with _interrupts_deferred():
-            try:
-                popen = subprocess.Popen(
-                    self.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    env=self._env,
-                    cwd=self._cwd,
-                    close_fds=True,
-                    **kwargs,  # type: ignore[call-overload]
-                )
-            except PermissionError as exc:
-                raise StartupError(f"{self.argv[0]} is not executable ({exc.strerror}); check its permissions") from exc
-            except FileNotFoundError as exc:
-                raise StartupError(f"{self.argv[0]} does not exist") from exc
-            except OSError as exc:
-                raise StartupError(f"cannot run {self.argv[0]}: {exc}") from exc
-            self._own(popen)
+        # between fork and ownership would leave a server nobody stops. The interrupt held back
+        # comes out at the end of the block: the child is then stopped before it propagates.
+        try:
+            with _interrupts_deferred():
+                self._spawn(kwargs)
+        except BaseException:
+            if self._popen is not None:
+                self.stop(0)
+            raise
+
+    def _spawn(self, kwargs: dict[str, object]) -> None:
+        try:
+            popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env,
+                cwd=self._cwd,
+                close_fds=True,
+                pass_fds=self._pass_fds,
+                **kwargs,  # type: ignore[call-overload]
+            )
+        except PermissionError as exc:
+            raise StartupError(f"{self.argv[0]} is not executable ({exc.strerror}); check its permissions") from exc
+        except FileNotFoundError as exc:
+            raise StartupError(f"{self.argv[0]} does not exist") from exc
+        except OSError as exc:
+            raise StartupError(f"cannot run {self.argv[0]}: {exc}") from exc
+        self._own(popen)
 
     def _own(self, popen: subprocess.Popen[bytes]) -> None:
         """Take ownership of a just-spawned child; on any failure (an asynchronous exception
@@ -560,17 +578,18 @@ class ServerProcess:
             if self._stop_asked_at is None:
                 self._stop_asked_at = time.monotonic()
                 self._dead_before_stop = self._already_exited()
-            if self._finalizer is not None:
-                self._finalizer.detach()
-                self._finalizer = None
             try:
                 self._exit_code = _terminate(
                     self._popen, self._pumps, self._stop_timeout if timeout is None else timeout, self._activity.hurry
                 )
-                self._stopped = True
-                return self._exit_code
             except OSError as exc:  # pragma: no cover - unexpected kernel errors
                 raise IoError(f"cannot stop pid {self._popen.pid}: {exc}") from exc
+            # only now: a stop cut short (a second Ctrl-C) leaves the finalizer to finish the job
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
+            self._stopped = True
+            return self._exit_code
 
     def __repr__(self) -> str:
         state = (

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
+import sys
 import threading
 import time
 
 from .client import LlamaClient
-from .errors import APIConnectionError, HealthCheckError, StartupError, StartupTimeout
+from .errors import APIConnectionError, HealthCheckError, StartupAborted, StartupError, StartupTimeout
 from .process import ServerProcess
 
 __all__ = ["PortTaken", "check_port_free", "connect_host", "free_port", "is_loopback", "url_host", "wait_ready"]
@@ -52,9 +52,10 @@ def check_port_free(host: str, port: int) -> None:
     :raises StartupError: when another socket listens there, or the address cannot be bound.
     """
     with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        if os.name != "nt":
+        if sys.platform.startswith("linux"):
             # as llama-server binds: connections of an earlier server in TIME_WAIT do not block the
-            # port (a listener does); on Windows the option would let a bind steal a listening port
+            # port, a listener still does. Elsewhere the option means more (BSD: binding beside a
+            # wildcard listener; Windows: stealing a port), so the check binds plainly there.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -96,7 +97,8 @@ def wait_ready(proc: ServerProcess, client: LlamaClient, startup_timeout: float,
     The process is checked on every poll, so a crash fails at once with its exit code and last
     lines; the wait ends when the server stays silent (no log line) for ``startup_timeout`` seconds.
 
-    :raises StartupError: when the process exits, or ``abort`` is set.
+    :raises StartupError: when the process exits.
+    :raises StartupAborted: when ``abort`` is set.
     :raises PortTaken: when it exited because its port was taken.
     :raises HealthCheckError: when ``/health`` answers something llama-server never does.
     :raises StartupTimeout: when the server stayed silent too long (it is killed first).
@@ -104,7 +106,7 @@ def wait_ready(proc: ServerProcess, client: LlamaClient, startup_timeout: float,
     interval = 0.001
     while True:
         if abort.is_set():
-            raise StartupError("stop() was called while the server was starting", None, proc.log_tail())
+            raise StartupAborted("stop() or stop_all() was called while the server was starting", None, proc.log_tail())
         code = proc.returncode
         if code is not None:
             deadline = time.monotonic() + 1.0

@@ -11,13 +11,13 @@ import html
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 import weakref
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
-from . import _registry
 from ._registry import reap_stale
 from .binaries import find_executable, library_env
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
@@ -28,6 +28,7 @@ from .errors import (
     ServerAlreadyRunning,
     ServerNotReady,
     ServerNotRunning,
+    StartupAborted,
     StartupError,
 )
 from .process import ServerProcess
@@ -269,19 +270,27 @@ class LlamaServer(Endpoints):
         :raises StartupTimeout: when it stays silent for ``startup_timeout`` seconds without becoming ready.
         """
         _reap_once()
-        with self._lock:
-            if self._proc is not None and self._proc.is_running():
-                raise ServerAlreadyRunning(self._proc.pid or 0, self.base_url)
-            self._discard()
-            self._supervisor.begin()
-            self._start_marked()
-        self._supervisor.emit(EventKind.START, f"pid {self.pid} at {self.base_url}")
+        before = self._proc
+        try:
+            with self._lock:
+                if self._proc is not None and self._proc.is_running():
+                    raise ServerAlreadyRunning(self._proc.pid or 0, self.base_url)
+                self._discard()
+                self._supervisor.begin()
+                self._start_marked()
+            self._supervisor.emit(EventKind.START, f"pid {self.pid} at {self.base_url}")
+        except BaseException:
+            # an exception that comes out of start() (Ctrl-C just as it finished) leaves no server
+            if self._proc is not None and self._proc is not before:
+                self.stop()
+            raise
 
     def _start_marked(self, keep: LlamaServerArgs | None = None) -> None:
         # with the lock held: start, while calls from other threads see "starting" and stop() can abort
+        self._abort.clear()  # before _starting: a stop() that sees the start must find its abort set
+        self._last_exit = None  # a stop() that aborts this start reports no exit status
         self._starting = True
         self._start_pid = os.getpid()
-        self._abort.clear()
         _owned_servers.add(self)  # stop_all() sees it from now on, and aborts the start
         try:
             self._start_locked(keep)
@@ -338,23 +347,28 @@ class LlamaServer(Endpoints):
             args = base_args if fixed_port is not None else base_args.evolve(port=port)
             run_args = args if threads_http is None else args.evolve(threads_http=threads_http)
             self._check_abort()
-            # the key goes in a file only this user can read, not on the command line where every
-            # local user sees it; llama-server reads it while starting, and it is removed after
-            key_file = (
-                _registry.write_key_file(args.api_key) if args.api_key and _KEY_FILES and dialect.api_key_file else None
-            )
             client: LlamaClient | None = None
+            proc: ServerProcess | None = None
             try:
-                argv = [str(executable), *run_args.to_args(dialect, api_key_file=key_file)]
-                _log.info("starting %s", " ".join(_redact(argv)))
-                proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self._stop_timeout)
-                proc.start()
-            except BaseException:
-                if key_file is not None:
-                    _registry.remove_key_file(key_file)
-                raise
-            try:
-                self._pending = proc
+                # the key goes through a pipe, not on the command line where every local user sees
+                # it: llama-server reads it from /dev/fd/N while starting
+                key_fd = _key_pipe(args.api_key) if args.api_key and _KEY_PIPES and dialect.api_key_file else None
+                try:
+                    key_path = None if key_fd is None else f"/dev/fd/{key_fd}"
+                    argv = [str(executable), *run_args.to_args(dialect, api_key_file=key_path)]
+                    _log.info("starting %s", " ".join(_redact(argv)))
+                    proc = ServerProcess(
+                        argv,
+                        env=env,
+                        log_lines=self._log_lines,
+                        stop_timeout=self._stop_timeout,
+                        pass_fds=() if key_fd is None else (key_fd,),
+                    )
+                    self._pending = proc
+                    proc.start()
+                finally:
+                    if key_fd is not None:
+                        os.close(key_fd)  # the child has its own copy
                 client = LlamaClient(
                     _base_url(args),
                     api_key=args.api_key,
@@ -364,7 +378,8 @@ class LlamaServer(Endpoints):
                 )
                 wait_ready(proc, client, self._startup_timeout, self._abort)
             except PortTaken:
-                client.close()  # type: ignore[union-attr]  # wait_ready raised it: the client exists
+                assert proc is not None and client is not None  # wait_ready raised it
+                client.close()
                 proc.stop(self._stop_timeout)
                 if fixed_port is not None or attempt == _PORT_ATTEMPTS:
                     raise StartupError(
@@ -379,11 +394,9 @@ class LlamaServer(Endpoints):
             except BaseException:  # a failed start, an abort by stop(), or Ctrl-C: no server is left
                 if client is not None:
                     client.close()
-                proc.stop(self._stop_timeout)
+                if proc is not None:
+                    proc.stop(self._stop_timeout)
                 raise
-            finally:
-                if key_file is not None:
-                    _registry.remove_key_file(key_file)
             try:
                 self._check_abort()  # stop() came as it became ready: it was stopped, not started
                 proc.batch_output()  # up: from now on the server's speed matters more than a log line's latency
@@ -404,7 +417,7 @@ class LlamaServer(Endpoints):
 
     def _check_abort(self) -> None:
         if self._abort.is_set():
-            raise StartupError("stop() was called while the server was starting", None, self.log_tail())
+            raise StartupAborted("stop() or stop_all() was called while the server was starting", None, self.log_tail())
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop the server: SIGTERM (again after a second if it still runs), then SIGKILL once
@@ -588,8 +601,28 @@ def _sized(args: LlamaServerArgs) -> tuple[int | None, int]:
 
 _owned_servers: weakref.WeakSet[LlamaServer] = weakref.WeakSet()
 
-#: Pass API keys to llama-server in a file (``--api-key-file``) where files can be made private.
-_KEY_FILES = os.name == "posix"
+#: Pass API keys to llama-server through a pipe (``--api-key-file /dev/fd/N``) where there is /dev/fd.
+_KEY_PIPES = sys.platform.startswith("linux") or sys.platform == "darwin"
+
+
+def _key_pipe(key: str) -> int:
+    """The read end of a pipe that holds ``key`` and its end (the key is far smaller than a pipe's
+    buffer, so the write never blocks).
+
+    :raises StartupError: when no pipe can be made (out of descriptors).
+    """
+    try:
+        read_fd, write_fd = os.pipe()
+    except OSError as exc:
+        raise StartupError(f"cannot make a pipe for the API key: {exc}") from None
+    try:
+        os.write(write_fd, key.encode("utf-8") + b"\n")
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return read_fd
 
 
 def owned_servers() -> list[LlamaServer]:

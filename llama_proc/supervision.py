@@ -113,6 +113,7 @@ class Supervisor:
         self.gave_up = None
         for times in (self._restart_times, self._crash_times, self._failed_times):
             times.clear()
+        self._last_cause = ""
 
     def request_stop(self) -> None:
         """No restart may begin from now on; callers waiting for one wake up."""
@@ -150,7 +151,7 @@ class Supervisor:
         _log.warning("llama-server pid %s exited unexpectedly: %s; last lines: %s", proc.pid, why, tail)
         self.emit(EventKind.CRASH, why)
         self._crash_times.append(time.monotonic())
-        self._last_cause = f"the server exited: {why}"
+        self._last_cause = "it was killed as hung" if why.startswith("hung") else f"the server exited: {why}"
         if restart is not None and self.policy is not None:
             self._restart_loop(self.policy, restart)
 

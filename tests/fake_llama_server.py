@@ -40,6 +40,7 @@ def arg(name: str, default: str) -> str:
 
 def main() -> int:
     if "--help" in sys.argv:
+        sys.stdout.write(os.environ.get("FAKE_HELP", ""))  # empty: a build whose flags are the newest
         return 0
     if "--version" in sys.argv:
         sys.stderr.write("version: 9999 (fakefake)\nbuilt with python for fake-platform\n")

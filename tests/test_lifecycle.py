@@ -175,7 +175,7 @@ def test_calls_during_start_are_not_ready_and_stop_aborts_start(fake_exe: Path, 
     starter.join(10)
     assert time.monotonic() - t < 5
     assert len(failure) == 1 and isinstance(failure[0], StartupError)
-    assert "stop() was called" in str(failure[0])
+    assert "stop() or stop_all() was called" in str(failure[0])
     assert not server.is_running()
 
 

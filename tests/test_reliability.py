@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,14 +23,13 @@ from llama_proc import (
     LlamaServerArgs,
     RestartPolicy,
     ServerEvent,
-    _registry,
     shared_server,
     stop_all,
 )
 from llama_proc import manager as manager_mod
-from llama_proc._paths import private_cache_dir
-from llama_proc.errors import LlamaProcError, StartupError
+from llama_proc.errors import LlamaProcError, StartupAborted
 from llama_proc.readiness import free_port
+from llama_proc.server import owned_servers
 
 from .conftest import children_of, pid_alive, wait_until, within
 
@@ -159,6 +157,8 @@ def interrupted_start(server: LlamaServer, delay: float) -> bool:
 def test_ctrl_c_during_start_leaves_no_server(llama_exe: Path, tiny_model: Path) -> None:
     assert threading.current_thread() is threading.main_thread()
     server = LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256))
+    server.start()  # the first start also reads the build's --help: time the second
+    server.stop()
     started = time.monotonic()
     server.start()
     startup = time.monotonic() - started
@@ -178,6 +178,33 @@ def test_ctrl_c_during_start_leaves_no_server(llama_exe: Path, tiny_model: Path)
         assert server.tokenize("x")["tokens"]
     assert llama_children() == []
     gc.collect()  # the sockets of interrupted probes are closed now, before the leak check
+
+
+def test_an_interrupt_held_back_until_the_child_is_owned_still_stops_it(
+    llama_exe: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llama_proc import process
+
+    record = process._registry.record
+
+    def interrupted_record(pid: int, argv0: str) -> None:  # inside the window where Ctrl-C is held back
+        record(pid, argv0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(process._registry, "record", interrupted_record)
+    server = LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256))
+    kept: BaseException | None = None
+    try:
+        server.start()
+    except KeyboardInterrupt as exc:
+        kept = exc  # its traceback (and every frame's locals) stays alive, as in a notebook
+    assert kept is not None
+    assert llama_children() == []  # stopped before the interrupt went on, not by a finalizer
+    assert server.pid is None and server not in owned_servers()
+    monkeypatch.undo()
+    with server:
+        assert server.tokenize("x")["tokens"]
+    del kept
 
 
 def first_call(server: LlamaServer, outcome: list[object]) -> None:
@@ -203,8 +230,8 @@ def test_stop_all_aborts_a_server_that_is_still_starting(llama_exe: Path, tiny_m
         assert not caller.is_alive() and len(outcome) == 1
         assert llama_children() == [], f"a server kept running after stop_all() {delay * 1e3:.0f} ms in"
         assert stopped  # it saw the server, starting or up
-        if isinstance(outcome[0], StartupError):
-            assert "stop() was called while the server was starting" in str(outcome[0])
+        if isinstance(outcome[0], StartupAborted):
+            assert "stop_all() was called while the server was starting" in str(outcome[0])
             aborted += 1
     assert aborted >= 3, aborted
 
@@ -214,40 +241,17 @@ def cmdline(pid: int) -> list[str]:
         return [part.decode() for part in fh.read().split(b"\0") if part]
 
 
-def key_files() -> list[Path]:
-    return sorted((private_cache_dir() / "run").glob("key-*"))
-
-
 def test_the_api_key_is_not_on_the_command_line(llama_exe: Path, tiny_model: Path) -> None:
-    before = key_files()
     with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256, api_key="auto")) as server:
         key = server.api_key
         assert key and server.pid is not None
         argv = cmdline(server.pid)
         assert not any(key in part for part in argv)  # what every local user can read (ps, /proc)
-        key_file = Path(argv[argv.index("--api-key-file") + 1])
-        assert not key_file.exists()  # read while starting, removed once it runs
-        assert key_files() == before
+        assert argv[argv.index("--api-key-file") + 1].startswith("/dev/fd/")  # a pipe: no file to leak
         assert server.models()["data"]  # the key works
         assert server.forward("GET", "/v1/models", headers={"Authorization": ""}).status_code == 401
         assert llama_children() == [server.pid]
     assert llama_children() == []
-
-
-def test_key_files_of_a_dead_owner_are_reaped(tmp_path: Path) -> None:
-    run = private_cache_dir() / "run"
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    left = run / f"key-{dead.pid}-12345-0123456789abcdef"  # its writer died before removing it
-    left.write_text("k\n")
-    mine = _registry.write_key_file("k")  # its writer (this process) runs: kept
-    try:
-        _registry.reap_stale()
-        assert not left.exists() and mine.exists()
-        assert mine.stat().st_mode & 0o777 == 0o600
-    finally:
-        _registry.remove_key_file(mine)
-        _registry.remove_key_file(left)
 
 
 def test_a_restart_keeps_the_port_and_the_key(llama_exe: Path, tiny_model: Path) -> None:

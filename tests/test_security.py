@@ -65,6 +65,22 @@ def test_logged_command_line_is_redacted(fake_exe: Path, tmp_path: Path, caplog:
     assert not any("s3cret-value" in r.getMessage() for r in caplog.records)
 
 
+def test_a_build_without_api_key_file_gets_the_key_redacted_in_the_log(
+    fake_exe: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_HELP", "-m, --model FNAME   model path\n--api-key KEY   API key\n")  # an older build
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    caplog.set_level(logging.DEBUG, logger="llama_proc")
+    with LlamaServer(fake_exe, LlamaServerArgs(model=model, api_key="s3cret-value")) as server:
+        assert server.chat_completions({"messages": []})["choices"]  # the key reached the server
+        with LlamaClient(server.base_url, api_key="wrong") as other, pytest.raises(AuthenticationError):
+            other.chat_completions({"messages": []})
+    starting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("starting ")]
+    assert starting and "--api-key ***" in starting[0] and "--api-key-file" not in starting[0]
+    assert not any("s3cret-value" in r.getMessage() for r in caplog.records)
+
+
 def test_a_key_on_the_command_line_is_redacted_in_the_log() -> None:
     from llama_proc.server import _redact
 
