@@ -103,7 +103,9 @@ def shared_server(
 def stop_all() -> list[int | None]:
     """Stop every server this process started (servers of a parent process are left alone),
     whatever its state: running, restarting, or still starting, in which case the ``start()``
-    (or the first call that started it) raises :class:`~llama_proc.errors.StartupError`.
+    (or the first call that started it) raises :class:`~llama_proc.errors.StartupAborted`. A
+    ``start()`` called after this began is not stopped, and a server made with ``autostart``
+    (:func:`shared_server`'s) starts again on its next call.
 
     :returns: their exit codes (None for one stopped before its process existed).
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from llama_proc import EventKind, LlamaServer, LlamaServerArgs, RestartPolicy, ServerEvent
 from llama_proc.errors import APITimeoutError, ServerNotReady, ServerNotRunning
+from llama_proc.readiness import free_port
 
 from .conftest import pid_alive, proc_state, wait_until
 
@@ -191,3 +193,25 @@ def test_a_requested_stop_is_not_a_crash(fake_exe: Path, model: Path) -> None:
     server.stop()
     time.sleep(0.3)
     assert events.kinds() == [EventKind.START, EventKind.STOP]
+
+
+def test_a_give_up_counts_crashes_and_failed_restarts_apart(fake_exe: Path, model: Path) -> None:
+    events = Events()
+    port = free_port("127.0.0.1")
+    server = LlamaServer(
+        fake_exe, LlamaServerArgs(model=model, alias="sup", port=port), env={"FAKE_MODE": ""},
+        restart=RestartPolicy(max_restarts=2, window=60, backoff=0.5), listeners=[events], stop_timeout=2,
+    )  # fmt: skip
+    server.start()
+    try:
+        pid = server.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: EventKind.CRASH in events.kinds(), 10)
+        with socket.create_server(("127.0.0.1", port)):  # someone takes the fixed port during the backoff
+            assert wait_until(lambda: events.items and events.items[-1].detail == "gave up restarting", 20)
+        message = r"crashed 1 time and 2 restarts failed \(last: the restart failed: .*port \d+ on 127\.0\.0\.1 is already in use"
+        with pytest.raises(ServerNotRunning, match=message):
+            server.health()
+    finally:
+        server.stop()
