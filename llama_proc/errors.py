@@ -42,6 +42,7 @@ __all__ = [
     "LockTimeout",
     "ModelNotFound",
     "ModelNotRegistered",
+    "NotAGGUFFile",
     "NotFoundError",
     "PermissionDeniedError",
     "PoolTimeout",
@@ -261,6 +262,18 @@ class ModelNotFound(LlamaProcError, FileNotFoundError):
 
     def _kwargs(self) -> dict[str, Any]:
         return {"path": self.path}
+
+
+class NotAGGUFFile(ModelNotFound):
+    """The model file exists but is not a GGUF file (its first bytes are not GGUF's magic)."""
+
+    code = "server_error-not_a_gguf_file"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        LlamaProcError.__init__(
+            self, _("Not a GGUF file: {0}; llama-server loads .gguf models only.").format(display_model_path(path))
+        )
 
 
 class StartupError(LlamaProcError):

@@ -176,6 +176,7 @@ class _Activity:
         self.eof_at: float | None = None  # when the first output pipe closed: the process ended
         self.batched = False  # set once the server is up: see ServerProcess.batch_output
         self.hurry = threading.Event()  # set when the process is being stopped: no more batching
+        self.expected: tuple[str, ...] = ()  # warnings that are normal here: logged at INFO
 
 
 #: Bytes read from a pipe at once; a read that fills it means more is waiting.
@@ -218,6 +219,8 @@ def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None
 
     def log(raw: bytes) -> None:
         level, message = parse_log_line(_decode(raw))
+        if level == logging.WARNING and activity.expected and any(text in message for text in activity.expected):
+            level = logging.INFO
         if _server_log.isEnabledFor(level):
             _server_log.log(level, "%s", message, extra=extra)
 
@@ -384,12 +387,14 @@ class ServerProcess:
         log_lines: int = 200,
         stop_timeout: float = 10.0,
         pass_fds: Sequence[int] = (),
+        expected_warnings: Sequence[str] = (),
     ) -> None:
         self.argv = list(argv)
         self._pass_fds = tuple(pass_fds)
         self._env = dict(env) if env is not None else None
         self._cwd = cwd
         self._activity = _Activity(log_lines)
+        self._activity.expected = tuple(expected_warnings)
         self._stop_timeout = stop_timeout
         self._popen: subprocess.Popen[bytes] | None = None
         self._pumps: list[threading.Thread] = []

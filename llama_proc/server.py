@@ -25,6 +25,7 @@ from .config import LlamaServerArgs
 from .errors import (
     ConfigError,
     ModelNotFound,
+    NotAGGUFFile,
     ServerAlreadyRunning,
     ServerNotReady,
     ServerNotRunning,
@@ -98,7 +99,8 @@ class LlamaServer(Endpoints):
     """One ``llama-server`` process and a pooled client to it.
 
     :param executable_path: the ``llama-server`` to run; None finds one with
-        :func:`~llama_proc.find_executable` when the server starts.
+        :func:`~llama_proc.find_executable` when the server starts. ``LlamaServer(args)`` is
+        ``LlamaServer(None, args)``.
     :param args: what to run.
     :param startup_timeout: seconds the server may stay silent while starting. Any line it logs
         restarts the count; on expiry it is killed and :class:`~llama_proc.errors.StartupTimeout` raised.
@@ -126,8 +128,8 @@ class LlamaServer(Endpoints):
 
     def __init__(
         self,
-        executable_path: str | os.PathLike[str] | None,
-        args: LlamaServerArgs,
+        executable_path: str | os.PathLike[str] | LlamaServerArgs | None,
+        args: LlamaServerArgs | None = None,
         *,
         startup_timeout: float = 300.0,
         stop_timeout: float = 10.0,
@@ -139,8 +141,12 @@ class LlamaServer(Endpoints):
         restart: RestartPolicy | bool | None = None,
         listeners: Iterable[Listener] = (),
     ) -> None:
+        if args is None and isinstance(executable_path, LlamaServerArgs):
+            executable_path, args = None, executable_path  # LlamaServer(args): the executable is found
         if not isinstance(args, LlamaServerArgs):
             raise ConfigError([f"args: expected LlamaServerArgs, got {type(args).__name__}"])
+        if isinstance(executable_path, LlamaServerArgs):
+            raise ConfigError(["executable_path: expected a path or None, got LlamaServerArgs"])
         problems = []
         if not startup_timeout > 0:
             problems.append(f"startup_timeout: must be > 0, got {startup_timeout!r}")
@@ -309,6 +315,7 @@ class LlamaServer(Endpoints):
             raise ModelNotFound(str(model))
         if not os.access(model, os.R_OK):
             raise StartupError(f"the model file {model} is not readable; check its permissions")
+        _check_gguf(model)
         executable = self.executable
         dialect = flag_dialect(executable)
         fixed_port = self._args.port
@@ -363,6 +370,8 @@ class LlamaServer(Endpoints):
                         log_lines=self._log_lines,
                         stop_timeout=self._stop_timeout,
                         pass_fds=() if key_fd is None else (key_fd,),
+                        # on loopback, running without a key is the normal case, not a warning
+                        expected_warnings=_NO_KEY_WARNING if is_loopback(args.host) else (),
                     )
                     self._pending = proc
                     proc.start()
@@ -601,8 +610,25 @@ def _sized(args: LlamaServerArgs) -> tuple[int | None, int]:
 
 _owned_servers: weakref.WeakSet[LlamaServer] = weakref.WeakSet()
 
+#: llama-server's start-up warning about running without an API key (logged at INFO on loopback).
+_NO_KEY_WARNING = ("no API key is set",)
+
 #: Pass API keys to llama-server through a pipe (``--api-key-file /dev/fd/N``) where there is /dev/fd.
 _KEY_PIPES = sys.platform.startswith("linux") or sys.platform == "darwin"
+
+
+def _check_gguf(model: Path) -> None:
+    """Fail in one line, before llama-server prints its many, when ``model`` is not a GGUF file.
+
+    :raises NotAGGUFFile: when its first bytes are not GGUF's magic.
+    """
+    try:
+        with open(model, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise StartupError(f"cannot read the model file {model}: {exc.strerror}") from None
+    if magic != b"GGUF":
+        raise NotAGGUFFile(str(model))
 
 
 def _key_pipe(key: str) -> int:

@@ -28,6 +28,7 @@ from llama_proc.errors import (
     IoError,
     LlamaProcError,
     ModelNotFound,
+    NotAGGUFFile,
     NotFoundError,
     ServerAlreadyRunning,
     ServerNotRunning,
@@ -71,9 +72,9 @@ def test_02_model_is_a_directory(fake_exe: Path, tmp_path: Path) -> None:
 def test_03_non_gguf_file(llama_exe: Path, tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.gguf"
     bogus.write_bytes(b"definitely not gguf\n" * 1000)
-    with within(10), pytest.raises(StartupError) as info:
-        LlamaServer(llama_exe, LlamaServerArgs(model=bogus)).start()
-    assert info.value.exit_code not in (None, 0) and info.value.log_tail
+    with within(1), pytest.raises(NotAGGUFFile, match="Not a GGUF file: .*bogus.gguf") as info:
+        LlamaServer(llama_exe, LlamaServerArgs(model=bogus)).start()  # before llama-server's 27 lines
+    assert isinstance(info.value, ModelNotFound) and "\n" not in str(info.value)
 
 
 @pytest.mark.integration

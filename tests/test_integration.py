@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from llama_proc import LlamaServer, LlamaServerArgs, Server
+from llama_proc.errors import ConfigError
 
 from .conftest import children_of, in_threads, pid_alive
 
@@ -117,3 +119,21 @@ def test_calls_right_after_a_stream_never_hit_a_closing_socket(shared_server: Ll
             for _chunk in stream:
                 pass
         assert shared_server.tokenize("x")["tokens"]
+
+
+def test_a_server_made_from_args_alone_finds_its_executable(llama_exe: Path, tiny_model: Path) -> None:
+    args = LlamaServerArgs(model=tiny_model, n_ctx=256)
+    with LlamaServer(args) as server:  # the executable is found as LlamaServer(None, args) finds it
+        assert server.tokenize("hello")["tokens"]
+    with pytest.raises(ConfigError, match="executable_path"):
+        LlamaServer(args, args)
+
+
+def test_running_without_a_key_on_loopback_is_not_a_warning(
+    llama_exe: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="llama_proc.server")
+    with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256)):
+        pass
+    no_key = [r for r in caplog.records if "no API key is set" in r.getMessage()]
+    assert no_key and all(r.levelno == logging.INFO for r in no_key)

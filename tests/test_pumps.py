@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -75,3 +76,19 @@ def test_lines_still_arrive_once_batched_and_stop_is_prompt(fake_exe: Path, tmp_
         server.stop()
         assert time.monotonic() - t < 2.0  # not held up by the pumps' batching
         assert not any(pump.is_alive() for pump in pumps)
+
+
+@pytest.mark.parametrize("expected", [True, False])
+def test_an_expected_warning_is_logged_at_info(expected: bool, caplog: pytest.LogCaptureFixture) -> None:
+    from llama_proc.process import ServerProcess
+
+    line = "0.00.000.001 W srv  llama_server: security: no API key is set and CORS allows all origins"
+    script = f"import sys; sys.stderr.write({line!r} + '\\n'); sys.stderr.write('0.00.000.002 W another warning\\n')"
+    caplog.set_level(logging.DEBUG, logger="llama_proc.server")
+    proc = ServerProcess([sys.executable, "-c", script], expected_warnings=("no API key is set",) if expected else ())
+    proc.start()
+    assert proc.wait(10) == 0
+    proc.stop()
+    no_key = next(r.levelno for r in caplog.records if "no API key" in r.getMessage())
+    other = next(r.levelno for r in caplog.records if "another warning" in r.getMessage())
+    assert no_key == (logging.INFO if expected else logging.WARNING) and other == logging.WARNING
