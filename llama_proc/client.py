@@ -39,6 +39,7 @@ from .errors import (
 from .streaming import Stream
 
 if TYPE_CHECKING:
+    import openai
     import requests
 
     from . import _adapter as _adapter_module
@@ -77,6 +78,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _openai() -> Any:
+    try:
+        import openai
+    except ImportError:
+        raise ImportError("the OpenAI client needs the openai package: pip install 'llama-proc[openai]'") from None
+    return openai
+
+
 def _body_of(content: bytes) -> Any:
     try:
         return _json.loads(content)
@@ -90,6 +99,33 @@ class Endpoints:
 
     def _http(self) -> LlamaClient:
         raise NotImplementedError
+
+    # -- OpenAI SDKs ----------------------------------------------------------------------------
+
+    @property
+    def openai_base_url(self) -> str:
+        """The base URL for OpenAI-compatible clients: the server's URL with ``/v1`` (without it,
+        the SDKs reach llama-server's own endpoints, and some answers then lack what they expect)."""
+        return self._http().base_url + "/v1"
+
+    def openai_client(self, **kwargs: Any) -> openai.OpenAI:
+        """An ``openai.OpenAI`` client for this server: its ``/v1`` base URL and API key, and
+        ``kwargs`` for the rest (``max_retries``, ``timeout``, ...).
+
+        :raises ImportError: when the ``openai`` package is not installed (``llama-proc[openai]``).
+        """
+        client: openai.OpenAI = _openai().OpenAI(**self._openai_options(kwargs))
+        return client
+
+    def openai_async_client(self, **kwargs: Any) -> openai.AsyncOpenAI:
+        """An ``openai.AsyncOpenAI`` client for this server (see :meth:`openai_client`)."""
+        client: openai.AsyncOpenAI = _openai().AsyncOpenAI(**self._openai_options(kwargs))
+        return client
+
+    def _openai_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        client = self._http()
+        # the SDK insists on a key; llama-server ignores it when it has none
+        return {"base_url": client.base_url + "/v1", "api_key": client._api_key or "no-key", **kwargs}
 
     def _call(
         self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
@@ -277,6 +313,7 @@ class LlamaClient(Endpoints):
         self._error_hint = error_hint
         self._http_layer = _adapter
         self._pool_args = (pool_maxsize, connect_retries, verify, cert)
+        self._api_key = api_key
         self._session = _adapter.new_session(api_key)
         try:
             self._adapter, self._probe_adapter = self._new_adapters()

@@ -137,3 +137,37 @@ def test_running_without_a_key_on_loopback_is_not_a_warning(
         pass
     no_key = [r for r in caplog.records if "no API key is set" in r.getMessage()]
     assert no_key and all(r.levelno == logging.INFO for r in no_key)
+
+
+def test_openai_clients_get_the_v1_url_and_the_key(llama_exe: Path, tiny_model: Path) -> None:
+    import asyncio
+
+    with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256, api_key="auto")) as server:
+        assert server.openai_base_url == server.base_url + "/v1"
+        with server.openai_client(max_retries=0) as client:
+            reply = client.chat.completions.create(
+                model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+            )
+            assert reply.usage is not None and reply.usage.completion_tokens == 3
+            assert client.models.list().data
+
+        async def chat() -> int:
+            async with server.openai_async_client(max_retries=0) as client:
+                reply = await client.chat.completions.create(
+                    model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                )
+                assert reply.usage is not None
+                return reply.usage.completion_tokens
+
+        assert asyncio.run(chat()) == 2
+
+
+def test_importing_llama_proc_imports_no_openai() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, llama_proc; print('openai' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
