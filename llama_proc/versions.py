@@ -130,7 +130,7 @@ def parse_version(text: str) -> ServerVersion:
 
 
 _T = TypeVar("_T")
-_cache: dict[tuple[str, str, int, int], object] = {}
+_cache: dict[tuple[str, Callable[[str], object], str, int, int], object] = {}
 _cache_lock = threading.Lock()
 
 
@@ -142,7 +142,7 @@ def _run_cached(executable: str | os.PathLike[str], flag: str, parse: Callable[[
         if strict:
             raise StartupError(f"cannot read {path}: {exc.strerror}") from None
         return parse("")
-    key = (flag, str(path), st.st_size, st.st_mtime_ns)
+    key = (flag, parse, str(path), st.st_size, st.st_mtime_ns)
     with _cache_lock:
         if key in _cache:
             return _cache[key]  # type: ignore[return-value]
@@ -165,6 +165,15 @@ def server_version(executable: str | os.PathLike[str]) -> ServerVersion:
     :raises StartupError: when the executable cannot be run.
     """
     return _run_cached(executable, "--version", parse_version, strict=True)
+
+
+def looks_like_llama_server(executable: str | os.PathLike[str]) -> bool:
+    """Whether ``executable --help`` lists ``--model``, as every llama-server's does."""
+    return _run_cached(executable, "--help", _lists_model_flag, strict=False)
+
+
+def _lists_model_flag(text: str) -> bool:
+    return "--model" in frozenset(_FLAG_RE.findall(text))
 
 
 def flag_dialect(executable: str | os.PathLike[str]) -> FlagDialect:

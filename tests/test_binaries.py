@@ -60,7 +60,7 @@ def test_not_found_lists_every_place_and_the_fix(empty_path: None, cache: Path) 
     assert str(binaries.package_bin_dir() / TARGET / "cpu" / "llama-server") in text
     assert str(cache / "bin" / TARGET / "cpu" / "llama-server") in text
     assert "llama-server on PATH" in text
-    assert "llama-proc build --source" in text
+    assert "run `llama-proc build`" in text
     assert len(info.value.searched) == 4
 
 

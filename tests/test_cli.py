@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -142,3 +143,41 @@ def test_install_list_doctor_from_a_mirror(tmp_path: Path, monkeypatch: pytest.M
         [sys.executable, "-m", "llama_proc", "install"], env=empty, capture_output=True, text=True, check=False
     )
     assert failed.returncode == 2 and "server_error-download_error" in failed.stderr
+
+
+def test_every_option_has_help_text() -> None:
+    import argparse
+
+    from llama_proc.cli import _parser
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {'/'.join(action.option_strings) or action.dest}"
+        for name, sub in [("llama-proc", parser), *commands.choices.items()]
+        for action in sub._actions
+        if not action.help and not isinstance(action, argparse._SubParsersAction)
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--n-ctx", "abc"], "n_ctx: expected an integer, got 'abc'"),
+        (["--flash-attn", "maybe"], "flash_attn: 'maybe' is not one of on, off, auto"),
+    ],
+)
+def test_a_bad_option_value_says_what_to_fix(option: list[str], message: str, tmp_path: Path) -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out):
+        code = main(["serve", "--model", str(tmp_path / "m.gguf"), *option], out=out)
+    assert code != 0 and message in out.getvalue()
+
+
+def test_an_executable_that_is_not_llama_server_is_named(tiny_model: Path) -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out):
+        code = main(["serve", "--model", str(tiny_model), "--executable", "/bin/false"], out=out)
+    assert code != 0 and "/bin/false exited with status 1" in out.getvalue()
+    assert "does not look like llama-server" in out.getvalue()
