@@ -11,12 +11,15 @@ streamed answers are passed through as server-sent events as the bytes arrive, w
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Callable, Iterator
 
 from flask import Flask, Response, request, stream_with_context
 
 from llama_proc import LlamaProcError, LlamaServer, LlamaServerArgs, RemoteServer, shared_server
+
+_log = logging.getLogger(__name__)
 
 
 def relay_response(get_server: Callable[[], LlamaServer | RemoteServer]) -> Flask:
@@ -34,7 +37,9 @@ def relay_response(get_server: Callable[[], LlamaServer | RemoteServer]) -> Flas
         try:
             upstream = get_server().forward("POST", "/v1/chat/completions", json=body, stream=stream)
         except LlamaProcError as exc:
-            error = json.dumps({"error": {"code": exc.code, "message": str(exc)}})
+            # the details (which may quote the server's log) go to this app's log, not to the client
+            _log.warning("chat completion failed: %s", exc)
+            error = json.dumps({"error": {"code": exc.code, "message": "the model server could not answer"}})
             return Response(error, exc.http_status, content_type="application/json")
         content_type = upstream.headers.get("Content-Type", "application/json")
         if not stream:

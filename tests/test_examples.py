@@ -242,3 +242,37 @@ def test_gunicorn_patterns(pattern: str, tiny_model: Path, llama_exe: Path) -> N
         proc.send_signal(signal.SIGTERM)  # graceful shutdown: workers and master exit
         proc.wait(60)
     assert wait_until(lambda: not any(pid_alive(p) for p in servers), 15), "a llama-server outlived gunicorn"
+
+
+class _Failing:
+    """A server whose every call fails with an error that quotes the server's log."""
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        from llama_proc.errors import StartupError
+
+        raise StartupError("llama-server exited", 1, ["E secret-path /home/alice/models/private.gguf"])
+
+
+def test_errors_reach_http_clients_without_their_details(caplog: pytest.LogCaptureFixture) -> None:
+    app = load_example("flask_app").relay_response(lambda: _Failing())
+    with caplog.at_level("WARNING"):
+        reply = app.test_client().post("/v1/chat/completions", json={"messages": []})
+    assert reply.status_code == 500
+    assert reply.get_json() == {
+        "error": {"code": "server_error-startup_error", "message": "the model server could not answer"}
+    }
+    assert "private.gguf" not in reply.get_data(as_text=True)
+    assert any("private.gguf" in record.getMessage() for record in caplog.records)  # the details are logged
+
+
+def test_the_django_project_has_a_manage_py(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    pytest.importorskip("django")
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "django_project" / "manage.py"), "check"],
+        capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "LLAMA_PROC_MODEL": str(tmp_path / "m.gguf")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "no issues" in done.stdout

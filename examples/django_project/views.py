@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Iterator
 
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -10,6 +11,8 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from llama_proc import LlamaProcError, LlamaServerArgs, shared_server
+
+_log = logging.getLogger(__name__)
 
 #: Read once at import; the server itself starts on the first request (one per worker process).
 SERVER_ARGS = LlamaServerArgs.from_env("LLAMA_PROC_")
@@ -28,7 +31,11 @@ def chat_completions(request: HttpRequest) -> HttpResponse:
     try:
         upstream = shared_server(SERVER_ARGS).forward("POST", "/v1/chat/completions", json=body, stream=stream)
     except LlamaProcError as exc:
-        return JsonResponse({"error": {"code": exc.code, "message": str(exc)}}, status=exc.http_status)
+        # the details (which may quote the server's log) go to this app's log, not to the client
+        _log.warning("chat completion failed: %s", exc)
+        return JsonResponse(
+            {"error": {"code": exc.code, "message": "the model server could not answer"}}, status=exc.http_status
+        )
     content_type = upstream.headers.get("Content-Type", "application/json")
     if not stream:
         return HttpResponse(upstream.content, status=upstream.status_code, content_type=content_type)
