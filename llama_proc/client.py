@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from ._transport import translate_error
 from .errors import (
     APITimeoutError,
+    BadRequestError,
     ConfigError,
     ConnectTimeout,
     InvalidRequest,
@@ -213,8 +214,20 @@ class Endpoints:
         return self._maybe_stream("/infill", request, timeout)
 
     def embeddings(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> dict[str, Any]:
-        """POST ``/v1/embeddings`` (the server needs ``embeddings=True`` and a pooling type)."""
-        result: dict[str, Any] = self._json("POST", "/v1/embeddings", request, timeout)
+        """POST ``/v1/embeddings`` (the server needs ``embeddings=True`` and a pooling type).
+
+        :raises BadRequestError: saying to set ``pooling`` when the model has no pooling type.
+        """
+        try:
+            result: dict[str, Any] = self._json("POST", "/v1/embeddings", request, timeout)
+        except BadRequestError as exc:
+            if "pooling type 'none'" not in str(exc).lower():
+                raise
+            hint = 'start the server with a pooling type: LlamaServerArgs(..., embeddings=True, pooling="mean")'
+            body = dict(exc.body) if isinstance(exc.body, Mapping) else {}
+            error = dict(body.get("error") or {}) if isinstance(body.get("error"), Mapping) else {}
+            error["message"] = f"{error.get('message', 'no pooling type')} ({hint})"
+            raise BadRequestError(exc.status, {**body, "error": error}, exc.url) from None
         return result
 
     def rerank(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama_proc import LlamaServer, LlamaServerArgs, Server
-from llama_proc.errors import ConfigError
+from llama_proc.errors import BadRequestError, ConfigError
 
 from .conftest import children_of, in_threads, pid_alive
 
@@ -82,6 +82,13 @@ def test_embeddings(llama_exe: Path, tiny_model: Path) -> None:
         data = server.embeddings({"input": ["hello", "world"]})["data"]
         assert len(data) == 2 and len(data[0]["embedding"]) == 64
         assert data[0]["embedding"] != data[1]["embedding"]
+
+
+def test_embeddings_without_a_pooling_type_say_how_to_set_one(llama_exe: Path, tiny_model: Path) -> None:
+    with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, embeddings=True, n_ctx=256)) as server:
+        with pytest.raises(BadRequestError, match='pooling="mean"') as caught:
+            server.embeddings({"input": ["hello"]})
+        assert caught.value.status == 400 and "Pooling type 'none'" in str(caught.value)
 
 
 def test_stop_leaves_no_process_and_no_thread(llama_exe: Path, tiny_model: Path, no_leaks: None) -> None:
