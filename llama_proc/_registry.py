@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any, Sequence
 
 from ._kill import kill_group
 from ._paths import private_cache_dir
@@ -51,8 +53,9 @@ def _executable_of(pid: int) -> str | None:
         return None
 
 
-def record(pid: int, argv0: str) -> None:
-    """Write the record of a server just started by this process (Linux only; errors are logged)."""
+def record(pid: int, argv0: str, argv: Sequence[str] = ()) -> None:
+    """Write the record of a server just started by this process (Linux only; errors are logged).
+    ``argv``, the whole command line, tells :func:`running` its port, model and alias."""
     if not _LINUX:
         return
     data = {
@@ -61,6 +64,10 @@ def record(pid: int, argv0: str) -> None:
         "executable": argv0,
         "owner": os.getpid(),
         "owner_start": start_time(os.getpid()),
+        "port": _flag(argv, "--port"),
+        "model": _flag(argv, "--model"),
+        "alias": _flag(argv, "--alias"),
+        "started_at": time.time(),
     }
     try:
         target = _run_dir() / f"{pid}.json"
@@ -69,6 +76,45 @@ def record(pid: int, argv0: str) -> None:
         os.replace(tmp, target)
     except OSError as exc:
         _log.debug("cannot record server %s: %s", pid, exc)
+
+
+def _flag(argv: Sequence[str], name: str) -> str | None:
+    args = list(argv)
+    return args[args.index(name) + 1] if name in args[:-1] else None
+
+
+def running() -> list[dict[str, Any]]:
+    """The servers that llama_proc processes of this user started and that still run (Linux): each
+    record's ``pid``, ``port``, ``model``, ``alias``, ``owner`` (pid), ``owner_alive`` and
+    ``started_at`` (seconds since the epoch). A record whose pid is gone or was reused is skipped."""
+    if not _LINUX:
+        return []
+    found = []
+    try:
+        paths = sorted(_run_dir().glob("*.json"))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            pid, owner = int(data["pid"]), int(data["owner"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if start_time(pid) != data.get("start") or _executable_of(pid) != data.get("executable"):
+            continue
+        now = start_time(owner)
+        found.append(
+            {
+                "pid": pid,
+                "port": int(data["port"]) if str(data.get("port") or "").isdigit() else None,
+                "model": data.get("model"),
+                "alias": data.get("alias"),
+                "owner": owner,
+                "owner_alive": now is not None and now == data.get("owner_start"),
+                "started_at": data.get("started_at"),
+            }
+        )
+    return found
 
 
 def forget(pid: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -151,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--from-source", metavar="SRC", help="build from this llama.cpp source tree or archive")
 
     sub.add_parser("list", help="list the installed llama-server binaries")
+    ps = sub.add_parser("ps", help="list the llama-servers llama_proc started on this machine (for this user)")
+    ps.add_argument("--json", action="store_true", help="print them as JSON, for scripts")
     doctor = sub.add_parser("doctor", help="explain which llama-server would run, and why")
     doctor.add_argument("--reap", action="store_true", help="stop servers left behind by processes that died")
 
@@ -229,6 +232,28 @@ def _cmd_list(ns: argparse.Namespace, out: TextIO) -> int:
         out.write(
             f"{result.directory.name:8} {_version_of(result.llama_server):24} "
             f"{_size(result.directory) / 1e6:7.1f}MB  {result.llama_server}  [{_describe(result)}]\n"
+        )
+    return 0
+
+
+def _cmd_ps(ns: argparse.Namespace, out: TextIO) -> int:
+    from ._registry import running
+
+    servers = running()
+    if ns.json:
+        out.write(json.dumps(servers, indent=2) + "\n")
+        return 0
+    if not servers:
+        out.write("no llama-server started by llama_proc is running\n")
+        return 0
+    now = time.time()
+    out.write(f"{'pid':>7} {'port':>6} {'owner':>7} {'uptime':>9}  {'alias':16} model\n")
+    for server in servers:
+        uptime = f"{now - server['started_at']:.0f} s" if server["started_at"] else "?"
+        owner = f"{server['owner']}" + ("" if server["owner_alive"] else " gone")
+        out.write(
+            f"{server['pid']:>7} {server['port'] or '?':>6} {owner:>7} {uptime:>9}  "
+            f"{server['alias'] or '-':16} {server['model']}\n"
         )
     return 0
 
@@ -365,6 +390,7 @@ _COMMANDS = {
     "install": _cmd_install,
     "list": _cmd_list,
     "doctor": _cmd_doctor,
+    "ps": _cmd_ps,
 }
 
 

@@ -466,7 +466,7 @@ class ServerProcess:
             for stream in (popen.stdout, popen.stderr):
                 _widen_pipe(stream)
             _guardian.register(popen.pid)
-            _registry.record(popen.pid, self.argv[0])
+            _registry.record(popen.pid, self.argv[0], self.argv)
             name = Path(self.argv[0]).name
             for source, stream in (("stdout", popen.stdout), ("stderr", popen.stderr)):
                 assert stream is not None

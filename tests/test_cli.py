@@ -181,3 +181,29 @@ def test_an_executable_that_is_not_llama_server_is_named(tiny_model: Path) -> No
         code = main(["serve", "--model", str(tiny_model), "--executable", "/bin/false"], out=out)
     assert code != 0 and "/bin/false exited with status 1" in out.getvalue()
     assert "does not look like llama-server" in out.getvalue()
+
+
+@pytest.mark.integration
+def test_ps_lists_the_running_servers(llama_exe: Path, tiny_model: Path) -> None:
+    import json
+
+    from llama_proc import LlamaServer, LlamaServerArgs
+
+    with LlamaServer(llama_exe, LlamaServerArgs(model=tiny_model, n_ctx=256, alias="listed")) as server:
+        out = io.StringIO()
+        assert main(["ps", "--json"], out=out) == 0
+        mine = [s for s in json.loads(out.getvalue()) if s["pid"] == server.pid]
+        assert mine == [
+            {
+                "pid": server.pid, "port": server.port, "model": str(tiny_model), "alias": "listed",
+                "owner": os.getpid(), "owner_alive": True, "started_at": mine[0]["started_at"],
+            }
+        ]  # fmt: skip
+        table = io.StringIO()
+        assert main(["ps"], out=table) == 0
+        line = next(row for row in table.getvalue().splitlines() if row.split()[0] == str(server.pid))
+        assert f" {server.port} " in line and "listed" in line and str(tiny_model) in line
+        pid = server.pid
+    out = io.StringIO()
+    main(["ps", "--json"], out=out)
+    assert pid not in [s["pid"] for s in json.loads(out.getvalue())]  # stopped: no longer listed
