@@ -22,3 +22,24 @@ def test_ci_runs_the_readme_test_command() -> None:
     demo, tests = commands
     assert demo.endswith("llama-proc demo") and tests.endswith("python -m pytest")
     assert tests in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+
+def test_mypy_finds_the_installed_package(tmp_path: Path) -> None:
+    """After README's editable install, a user's script outside the project type-checks against it."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mypy")
+    script = tmp_path / "user.py"
+    script.write_text(
+        "from llama_proc import LlamaServer, LlamaServerArgs\n"
+        "server = LlamaServer(LlamaServerArgs(model='m.gguf'))\n"
+        "reveal_type(server)\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(script)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert 'Revealed type is "llama_proc.server.LlamaServer"' in done.stdout
