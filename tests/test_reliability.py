@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pytest
 
@@ -187,8 +187,8 @@ def test_an_interrupt_held_back_until_the_child_is_owned_still_stops_it(
 
     record = process._registry.record
 
-    def interrupted_record(pid: int, argv0: str) -> None:  # inside the window where Ctrl-C is held back
-        record(pid, argv0)
+    def interrupted_record(pid: int, argv0: str, argv: Sequence[str] = ()) -> None:  # Ctrl-C is held back here
+        record(pid, argv0, argv)
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(process._registry, "record", interrupted_record)
