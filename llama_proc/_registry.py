@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ._kill import kill_group
 from ._paths import private_cache_dir
@@ -83,6 +83,34 @@ def _flag(argv: Sequence[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args[:-1] else None
 
 
+def _records() -> Iterator[tuple[Path, dict[str, Any] | None]]:
+    """Each record file and what it holds (None when it cannot be read or lacks its pids)."""
+    try:
+        paths = sorted(_run_dir().glob("*.json"))
+    except OSError:
+        return
+    for path in paths:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            int(data["pid"]), int(data["owner"])
+        except (OSError, ValueError, KeyError, TypeError):
+            yield path, None
+            continue
+        yield path, data
+
+
+def _still_recorded_process(data: Mapping[str, Any]) -> bool:
+    """True when the record's pid still runs the recorded executable since the recorded time (and
+    has not been reused by another process)."""
+    pid = int(data["pid"])
+    return start_time(pid) == data.get("start") and _executable_of(pid) == data.get("executable")
+
+
+def _owner_alive(data: Mapping[str, Any]) -> bool:
+    now = start_time(int(data["owner"]))
+    return now is not None and now == data.get("owner_start")
+
+
 def running() -> list[dict[str, Any]]:
     """The servers that llama_proc processes of this user started and that still run (Linux): each
     record's ``pid``, ``port``, ``model``, ``alias``, ``owner`` (pid), ``owner_alive`` and
@@ -90,27 +118,17 @@ def running() -> list[dict[str, Any]]:
     if not _LINUX:
         return []
     found = []
-    try:
-        paths = sorted(_run_dir().glob("*.json"))
-    except OSError:
-        return []
-    for path in paths:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            pid, owner = int(data["pid"]), int(data["owner"])
-        except (OSError, ValueError, KeyError, TypeError):
+    for _path, data in _records():
+        if data is None or not _still_recorded_process(data):
             continue
-        if start_time(pid) != data.get("start") or _executable_of(pid) != data.get("executable"):
-            continue
-        now = start_time(owner)
         found.append(
             {
-                "pid": pid,
+                "pid": int(data["pid"]),
                 "port": int(data["port"]) if str(data.get("port") or "").isdigit() else None,
                 "model": data.get("model"),
                 "alias": data.get("alias"),
-                "owner": owner,
-                "owner_alive": now is not None and now == data.get("owner_start"),
+                "owner": int(data["owner"]),
+                "owner_alive": _owner_alive(data),
                 "started_at": data.get("started_at"),
             }
         )
@@ -137,24 +155,18 @@ def reap_stale(timeout: float = 5.0) -> list[int]:
     if not _LINUX:
         return []
     reaped: list[int] = []
-    try:
-        records = list(_run_dir().glob("*.json"))
-    except OSError:
-        return []
-    for path in records:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            pid, owner = int(data["pid"]), int(data["owner"])
-        except (OSError, ValueError, KeyError, TypeError):
+    for path, data in _records():
+        if data is None:
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
-        if start_time(owner) == data.get("owner_start") and start_time(owner) is not None:
+        if _owner_alive(data):
             continue  # its owner still runs: not stale
-        if start_time(pid) != data.get("start") or _executable_of(pid) != data.get("executable"):
+        if not _still_recorded_process(data):
             with contextlib.suppress(OSError):
                 path.unlink()  # gone, or the pid was reused by another process: never touch it
             continue
+        pid, owner = int(data["pid"]), int(data["owner"])
         _log.warning("stopping stale llama-server pid %d (its owner %d is gone)", pid, owner)
         # not our child, so never reaped here: it has ended once it is gone or a zombie (start_time None)
         kill_group(pid, timeout, kill_wait=5.0, ended=functools.partial(_ended, pid))

@@ -171,7 +171,6 @@ class LlamaServer(Endpoints):
         self._starting = False
         self._pending: ServerProcess | None = None  # the process of a start() in progress
         self._start_pid = 0  # the process that runs that start()
-        self._port_note = ""  # how a restart's port differs from the one it replaced
         self._abort = threading.Event()
         self._last_exit: int | None = None
         self._supervisor = Supervisor(RestartPolicy() if restart is True else (restart or None), listeners, self._label)
@@ -322,13 +321,11 @@ class LlamaServer(Endpoints):
         if fixed_port is not None:
             check_port_free(self._args.host, fixed_port)
         preferred = keep.port if keep is not None and fixed_port is None else None
-        self._port_note = ""
         if preferred is not None:
             try:
                 check_port_free(self._args.host, preferred)
             except StartupError:
-                self._port_note = f"; its port {preferred} was taken, so it listens on a new one"
-                preferred = None
+                preferred = None  # taken meanwhile: a new one (the restart's event says so)
         env = {**os.environ, **self._env} if self._env else None
         env = library_env(executable, env) or env
         threads_http, pool_size = _sized(self._args)
@@ -397,8 +394,6 @@ class LlamaServer(Endpoints):
                         proc.log_tail(),
                     ) from None
                 _log.info("port %d was taken; retrying on another port", port)
-                if port == preferred:
-                    self._port_note = f"; its port {preferred} was taken, so it listens on a new one"
                 continue
             except BaseException:  # a failed start, an abort by stop(), or Ctrl-C: no server is left
                 if client is not None:
@@ -529,8 +524,12 @@ class LlamaServer(Endpoints):
             if old is not None:
                 old.stop(0)  # reap it and join its pumps
                 _owned_servers.discard(self)
-            self._start_marked(keep=self._running_args)
-        return f"pid {self.pid} at {self.base_url}{self._port_note}"
+            kept = self._running_args
+            self._start_marked(keep=kept)
+        note = ""
+        if kept is not None and kept.port is not None and self._args.port is None and self.port != kept.port:
+            note = f"; its port {kept.port} was taken, so it listens on a new one"
+        return f"pid {self.pid} at {self.base_url}{note}"
 
     def _error_hint(self) -> str:
         # only on the error path: a connection that broke often means the process is dying; give it a
