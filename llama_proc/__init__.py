@@ -27,6 +27,7 @@ from .binaries import (
 from .client import LlamaClient
 from .config import FlagDialect, LlamaServerArgs
 from .errors import (
+    AmbiguousModel,
     APIConnectionError,
     APIError,
     APIStatusError,
@@ -41,6 +42,7 @@ from .errors import (
     DownloadError,
     ExecutableNotFound,
     HealthCheckError,
+    HubModelNotFound,
     InternalServerError,
     InvalidRequest,
     IoError,
@@ -100,6 +102,8 @@ __all__ = [
     "ModelNotFound",
     "ModelNotRegistered",
     "NotAGGUFFile",
+    "HubModelNotFound",
+    "AmbiguousModel",
     "NotFoundError",
     "PermissionDeniedError",
     "PoolTimeout",

@@ -1,4 +1,5 @@
-"""The ``llama-proc`` command line: ``build``, ``install``, ``which``, ``list``, ``doctor``, ``serve``, ``demo``."""
+"""The ``llama-proc`` command line: ``build``, ``install``, ``which``, ``list``, ``ps``, ``doctor``, ``pull``,
+``models``, ``serve``, ``demo``."""
 
 from __future__ import annotations
 
@@ -103,7 +104,9 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         kind = field.metadata["kind"]
         default_bool = field.default is False
         if field.name == "model":
-            parser.add_argument(name, "-m", required=True, help="the .gguf model file")
+            parser.add_argument(
+                name, "-m", required=True, help="the .gguf model file, or hf://org/repo[:QUANT] from the hub"
+            )
         elif field.name == "extra_args":
             parser.add_argument("extra_args", nargs="*", help="more llama-server arguments, after --")
         elif field.name == "rpc":
@@ -156,6 +159,15 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true", help="print them as JSON, for scripts")
     doctor = sub.add_parser("doctor", help="explain which llama-server would run, and why")
     doctor.add_argument("--reap", action="store_true", help="stop servers left behind by processes that died")
+
+    pull = sub.add_parser("pull", help="download a GGUF model from the Hugging Face hub into its cache")
+    pull.add_argument("repo", help="org/repo, or a spec: hf://org/repo:QUANT, hf://org/repo/FILE.gguf")
+    choice = pull.add_mutually_exclusive_group()
+    choice.add_argument("--file", help="the .gguf file in the repository (default: its only GGUF model)")
+    choice.add_argument("--quant", help="the quantization to pick, such as Q4_K_M")
+    pull.add_argument("--revision", help="a branch, tag or commit (default: main)")
+    models = sub.add_parser("models", help="list the GGUF models in the Hugging Face cache")
+    models.add_argument("--json", action="store_true", help="print them as JSON, for scripts")
 
     serve = sub.add_parser("serve", help="run llama-server in the foreground until Ctrl-C")
     serve.add_argument("--executable", help="the llama-server to run (default: found)")
@@ -255,6 +267,41 @@ def _cmd_ps(ns: argparse.Namespace, out: TextIO) -> int:
             f"{server['pid']:>7} {server['port'] or '?':>6} {owner:>7} {uptime:>9}  "
             f"{server['alias'] or '-':16} {server['model']}\n"
         )
+    return 0
+
+
+def _cmd_pull(ns: argparse.Namespace, out: TextIO) -> int:
+    from .models import pull
+
+    try:
+        path = pull(ns.repo, ns.file, quant=ns.quant, revision=ns.revision)
+    except (ImportError, ValueError) as exc:
+        sys.stderr.write(f"llama-proc: error: {exc}\n")
+        return 2
+    out.write(f"{path}\n")
+    return 0
+
+
+def _cmd_models(ns: argparse.Namespace, out: TextIO) -> int:
+    from .models import cached_models
+
+    try:
+        found = cached_models()
+    except ImportError as exc:
+        sys.stderr.write(f"llama-proc: error: {exc}\n")
+        return 2
+    if ns.json:
+        rows = [{**m._asdict(), "path": str(m.path), "spec": m.spec} for m in found]
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    if not found:
+        out.write("no GGUF model in the Hugging Face cache; get one with `llama-proc pull org/repo`\n")
+        return 0
+    out.write(f"{'size':>10}  {'quant':8} {'arch':10} model\n")
+    for m in found:
+        parts = f" ({m.parts} parts)" if m.parts > 1 else ""
+        at = f" @{m.revision}" if m.revision != "main" else ""
+        out.write(f"{m.size / 1e6:8.1f}MB  {m.quant or '?':8} {m.architecture or '?':10} {m.spec}{at}{parts}\n")
     return 0
 
 
@@ -391,6 +438,8 @@ _COMMANDS = {
     "list": _cmd_list,
     "doctor": _cmd_doctor,
     "ps": _cmd_ps,
+    "pull": _cmd_pull,
+    "models": _cmd_models,
 }
 
 

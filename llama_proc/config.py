@@ -8,7 +8,7 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import attrs
 
@@ -46,10 +46,80 @@ class FlagDialect:
     api_key_file: bool = True
 
 
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SPEC_RE = re.compile(r"^hf://(?P<repo>[^/@:]+/[^/@:]+)(?:@(?P<rev>[^/:]+))?(?:/(?P<file>.+)|:(?P<quant>[^/:]+))?$")
+
+
+@attrs.frozen
+class HubModel:
+    """A GGUF model in a Hugging Face model repository, as a spec names it (``hf://org/repo:Q4_K_M``;
+    :mod:`llama_proc.models` lists the forms, and downloads it).
+
+    Give ``filename`` or ``quant``, or neither when the repository holds one GGUF model.
+    """
+
+    repo_id: str
+    filename: str | None = None
+    quant: str | None = None
+    revision: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not _REPO_RE.match(self.repo_id):
+            raise ValueError(f"expected a repository as org/name, got {self.repo_id!r}")
+        if self.filename is not None and self.quant is not None:
+            raise ValueError("give a file name or a quantization, not both")
+        if self.filename is not None and not self.filename.lower().endswith(".gguf"):
+            raise ValueError(f"expected a .gguf file in the repository, got {self.filename!r}")
+
+    @classmethod
+    def parse(cls, spec: str) -> HubModel:
+        """``hf://org/repo[@revision][/file.gguf | :QUANT]`` -> :class:`HubModel`.
+
+        :raises ValueError: saying what is wrong with ``spec``.
+        """
+        match = _SPEC_RE.match(spec.strip())
+        if match is None:
+            raise ValueError(
+                f"expected hf://org/repo, hf://org/repo:QUANT or hf://org/repo/file.gguf (@revision after the "
+                f"repository), got {spec!r}"
+            )
+        return cls(match["repo"], match["file"], match["quant"], match["rev"])
+
+    def __str__(self) -> str:
+        return "hf://" + self.ref
+
+    @property
+    def ref(self) -> str:
+        """The spec without ``hf://`` (``org/repo:Q4_K_M``): the server's model name unless an alias is set."""
+        text = self.repo_id + (f"@{self.revision}" if self.revision else "")
+        if self.filename:
+            return f"{text}/{self.filename}"
+        return f"{text}:{self.quant}" if self.quant else text
+
+    @property
+    def name(self) -> str:
+        """A short name, as ``Path.name`` is for a file: the file's name, else ``repo:QUANT``, else the repo."""
+        if self.filename:
+            return self.filename.rsplit("/", 1)[-1]
+        repo = self.repo_id.split("/", 1)[1]
+        return f"{repo}:{self.quant}" if self.quant else repo
+
+
 def _to_path(value: Any) -> Any:
     if isinstance(value, (str, os.PathLike)):
         return Path(value).expanduser()
     return value
+
+
+def _to_model(value: Any) -> Any:
+    """A path, or an ``hf://`` spec as a :class:`~llama_proc.models.HubModel` (a malformed spec stays
+    a string, for the validator to report)."""
+    if isinstance(value, str) and value.strip().startswith("hf://"):
+        try:
+            return HubModel.parse(value)
+        except ValueError:
+            return value
+    return _to_path(value)
 
 
 def _to_optional_path(value: Any) -> Any:
@@ -94,8 +164,16 @@ def _report(inst: object, problem: str) -> None:
 
 
 def _model_path(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, HubModel):
+        return
+    if isinstance(value, str) and value.strip().startswith("hf://"):
+        try:
+            HubModel.parse(value)
+        except ValueError as exc:
+            _report(inst, f"{attribute.name}: {exc}")
+        return
     if not isinstance(value, Path):
-        _report(inst, f"{attribute.name}: expected a path, got {value!r}")
+        _report(inst, f"{attribute.name}: expected a path or an hf:// spec, got {value!r}")
     elif not str(value).strip() or str(value) == ".":
         _report(inst, f"{attribute.name}: must name a .gguf file")
 
@@ -204,7 +282,10 @@ class LlamaServerArgs:
     :raises ConfigError: listing every invalid field at once.
     """
 
-    model: Path = attrs.field(converter=_to_path, validator=_model_path, metadata=_flag("--model"))
+    #: The ``.gguf`` file, or a model on the Hugging Face hub: ``"hf://org/repo:Q4_K_M"`` (see
+    #: :mod:`llama_proc.models`), downloaded into the hub's cache when the server starts (offline
+    #: when it is already there).
+    model: Union[Path, HubModel] = attrs.field(converter=_to_model, validator=_model_path, metadata=_flag("--model"))
     alias: Optional[str] = attrs.field(default=None, validator=_str(), metadata=_flag("--alias"))
     api_key: Optional[str] = attrs.field(
         default=None,
@@ -507,6 +588,16 @@ def _structure_path(value: Any, _type: Any) -> Path:
     raise ValueError(f"expected a path, got {value!r}")
 
 
+def _structure_model(value: Any, _type: Any) -> Path | HubModel:
+    if isinstance(value, HubModel):
+        return value
+    if isinstance(value, str) and value.strip().startswith("hf://"):
+        return HubModel.parse(value)  # its ValueError says "expected hf://org/repo, ..."
+    if isinstance(value, (str, Path)):
+        return Path(value)
+    raise ValueError(f"expected a path or an hf:// spec, got {value!r}")
+
+
 @functools.cache
 def _converter() -> cattrs.Converter:
     import cattrs  # loaded with the first conversion, not with the package
@@ -517,6 +608,8 @@ def _converter() -> cattrs.Converter:
     conv.register_structure_hook(str, _structure_str)
     conv.register_structure_hook(Path, _structure_path)
     conv.register_unstructure_hook(Path, str)
+    conv.register_structure_hook(Union[Path, HubModel], _structure_model)
+    conv.register_unstructure_hook(HubModel, str)
     return conv
 
 

@@ -276,6 +276,41 @@ class NotAGGUFFile(ModelNotFound):
         )
 
 
+class HubModelNotFound(ModelNotFound):
+    """A model on the Hugging Face hub (an ``hf://`` spec) is neither there nor in the local cache;
+    ``reason`` says which part is missing and ``hint`` what to do."""
+
+    code = "server_error-hub_model_not_found"
+
+    def __init__(self, spec: str, reason: str, hint: str = "") -> None:
+        self.path = spec
+        self.reason = reason
+        self.hint = hint
+        text = _("Model {0} not found: {1}.").format(spec, reason)
+        if hint:
+            text += " " + _("To fix: {0}").format(hint)
+        LlamaProcError.__init__(self, text)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"spec": self.path, "reason": self.reason, "hint": self.hint}
+
+
+class AmbiguousModel(ModelNotFound):
+    """A model spec (``hf://org/repo`` or a quantization) matches several GGUF models; ``candidates``
+    lists them."""
+
+    code = "server_error-ambiguous_model"
+
+    def __init__(self, spec: str, candidates: Sequence[str]) -> None:
+        self.path = spec
+        self.candidates = list(candidates)
+        text = _("Model {0} matches several GGUF files: {1}. Name one: hf://org/repo/FILE.gguf or hf://org/repo:QUANT.")
+        LlamaProcError.__init__(self, text.format(spec, ", ".join(self.candidates)))
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"spec": self.path, "candidates": self.candidates}
+
+
 class StartupError(LlamaProcError):
     """The server could not be started, or exited while starting."""
 

@@ -32,6 +32,8 @@ from .errors import (
     StartupAborted,
     StartupError,
 )
+from .models import HubModel
+from .models import resolve as resolve_model
 from .process import ServerProcess
 from .readiness import PortTaken, check_port_free, connect_host, free_port, is_loopback, url_host, wait_ready
 from .remote import RemoteServer
@@ -268,13 +270,18 @@ class LlamaServer(Endpoints):
     def start(self) -> None:
         """Start llama-server and return as soon as it answers ``/health`` with 200.
 
-        :raises ModelNotFound: when the model file does not exist.
+        :raises ModelNotFound: when the model file does not exist; for an ``hf://`` model,
+            :class:`HubModelNotFound` says what is missing on the hub or in its cache (and
+            :class:`AmbiguousModel` lists the files when the spec matches several).
         :raises ExecutableNotFound: when no executable was given and none is found.
         :raises ServerAlreadyRunning: when it is already running.
         :raises StartupError: when the process exits while starting (with its exit code and last lines).
         :raises StartupTimeout: when it stays silent for ``startup_timeout`` seconds without becoming ready.
         """
         _reap_once()
+        if isinstance(self._args.model, HubModel):
+            # a download can take long: done before the lock, so stop() and calls are not held up
+            resolve_model(self._args.model)
         before = self._proc
         try:
             with self._lock:
@@ -309,7 +316,12 @@ class LlamaServer(Endpoints):
         """Start the process and wait until it is ready. ``keep``: the arguments of the process this
         one replaces (a restart), whose chosen port and generated key it keeps, so that clients
         given ``base_url`` and ``api_key`` (attached workers) reach it again."""
-        model = self._args.model
+        source = self._args
+        if isinstance(source.model, HubModel):
+            # from the cache, without the network; named as the spec (as llama-server's -hf does)
+            source = source.evolve(model=resolve_model(source.model), alias=source.alias or source.model.ref)
+        model = source.model
+        assert isinstance(model, Path)
         if not model.is_file():
             raise ModelNotFound(str(model))
         if not os.access(model, os.R_OK):
@@ -328,8 +340,8 @@ class LlamaServer(Endpoints):
                 preferred = None  # taken meanwhile: a new one (the restart's event says so)
         env = {**os.environ, **self._env} if self._env else None
         env = library_env(executable, env) or env
-        threads_http, pool_size = _sized(self._args)
-        base_args = self._args
+        threads_http, pool_size = _sized(source)
+        base_args = source
         if base_args.api_key == "auto":
             # a strong key for this run (a restart keeps it); the client sends it, `server.api_key`
             # tells it to others
@@ -495,7 +507,8 @@ class LlamaServer(Endpoints):
     # -- supervision --------------------------------------------------------------------------
 
     def _label(self) -> str:
-        return self.args.alias or self.args.model.name
+        model = self.args.model
+        return self.args.alias or (model.ref if isinstance(model, HubModel) else model.name)
 
     def _on_timeout(self, path: str) -> None:
         self._supervisor.timed_out(self._proc, path)

@@ -58,13 +58,17 @@ def _require_gguf() -> Any:
     return gguf
 
 
-def write_tiny_model(path: str | os.PathLike[str], vocab: str | os.PathLike[str], *, seed: int = 0) -> Path:
+def write_tiny_model(
+    path: str | os.PathLike[str], vocab: str | os.PathLike[str], *, seed: int = 0, shards: int = 1
+) -> Path:
     """Write the tiny model to ``path``, atomically.
 
     :param path: the ``.gguf`` file to write.
     :param vocab: a vocabulary-only GGUF (``models/ggml-vocab-llama-spm.gguf``).
     :param seed: seed of the random weights; the same seed gives the same file.
-    :returns: ``path`` as a :class:`~pathlib.Path`.
+    :param shards: split the model into this many files, named as llama.cpp names the parts of a
+        split model (``tiny-00001-of-00002.gguf`` for ``tiny.gguf``) and written beside ``path``.
+    :returns: ``path`` as a :class:`~pathlib.Path`, or the first part of a split model.
     """
     gguf = _require_gguf()
     import numpy as np
@@ -88,11 +92,7 @@ def write_tiny_model(path: str | os.PathLike[str], vocab: str | os.PathLike[str]
     def weights(*shape: int) -> Any:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp_name, "llama")
+    def fill(writer: Any) -> None:  # the model's metadata and weights, written out
         writer.add_name("llama-proc tiny")
         writer.add_block_count(_N_LAYER)
         writer.add_context_length(_N_CTX)
@@ -127,11 +127,26 @@ def write_tiny_model(path: str | os.PathLike[str], vocab: str | os.PathLike[str]
             writer.add_tensor(f"blk.{i}.ffn_down.weight", weights(_N_EMBD, _N_FF))
         writer.add_tensor("output_norm.weight", np.ones(_N_EMBD, dtype=np.float32))
         writer.add_tensor("output.weight", weights(n_vocab, _N_EMBD))
-
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if shards > 1:
+        n_tensors = 3 + 9 * _N_LAYER
+        with tempfile.TemporaryDirectory(prefix=target.name + ".", dir=target.parent) as tmp:
+            writer = gguf.GGUFWriter(os.path.join(tmp, target.name), "llama", split_max_tensors=-(-n_tensors // shards))
+            fill(writer)
+            parts = sorted(Path(tmp).iterdir())
+            for part in parts:
+                os.replace(part, target.parent / part.name)
+        return target.parent / parts[0].name
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp_name, "llama")
+        fill(writer)
         os.replace(tmp_name, target)
     except BaseException:
         with _suppress_oserror():

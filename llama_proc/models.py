@@ -1,0 +1,362 @@
+"""Models from the Hugging Face hub: ``pull("org/repo", quant="Q4_K_M")`` and ``hf://`` model specs.
+
+The download, the cache (``$HF_HOME/hub``), ``HF_HOME``/``HF_HUB_CACHE``/``HF_HUB_OFFLINE``/``HF_TOKEN``/
+``HF_ENDPOINT`` and the progress bars are those of ``huggingface_hub`` (``pip install 'llama-proc[hf]'``);
+this module only picks the GGUF file of a repository and hands back its path. ``import llama_proc`` does
+not import ``huggingface_hub``: it is loaded by the first call that needs it.
+
+A model spec names a GGUF in a model repository::
+
+    hf://org/repo                   the only GGUF of the repository
+    hf://org/repo:Q4_K_M            the GGUF of that quantization
+    hf://org/repo/path/model.gguf   that file
+    hf://org/repo@v1.0:Q8_0         the same, at a branch, tag or commit
+
+A split model (``name-00001-of-00003.gguf`` and its siblings) is one model: it is pulled whole, and
+its first part is the path llama-server is given (it loads the others from the same folder).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+from .config import HubModel
+from .errors import AmbiguousModel, HubModelNotFound
+
+__all__ = ["CachedModel", "HubModel", "cached_models", "gguf_info", "pull", "resolve"]
+
+_SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+_QUANT_IN_NAME = re.compile(r"(?<![A-Za-z0-9])((?:I?Q\d+_[A-Z0-9_]*?|F16|BF16|F32|TQ\d_\d))(?=[.-]|$)", re.IGNORECASE)
+
+
+def _hub() -> Any:
+    try:
+        import huggingface_hub
+        import huggingface_hub.constants
+        import huggingface_hub.errors
+    except ImportError:
+        raise ImportError(
+            "models from the Hugging Face hub need the huggingface_hub package: pip install 'llama-proc[hf]'"
+        ) from None
+    return huggingface_hub
+
+
+# -- choosing the file ----------------------------------------------------------------------------
+
+
+def _parts(filename: str) -> list[str]:
+    """Every file of the model whose (first) file is ``filename``: itself, or all parts of a split."""
+    match = _SPLIT_RE.match(filename)
+    if match is None:
+        return [filename]
+    count = int(match["count"])
+    return [f"{match['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def _candidates(names: Sequence[str]) -> list[str]:
+    """The GGUF models among a repository's files, each by its (first) file; multimodal projectors
+    (``mmproj``) are left out, as they are not models on their own."""
+    found = []
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if not base.lower().endswith(".gguf") or "mmproj" in base.lower():
+            continue
+        match = _SPLIT_RE.match(name)
+        if match is None or int(match["part"]) == 1:
+            found.append(name)
+    return sorted(found)
+
+
+def quant_of(filename: str) -> str | None:
+    """The quantization a file's name states (``model-Q4_K_M.gguf`` -> ``Q4_K_M``), or None."""
+    base = filename.rsplit("/", 1)[-1]
+    split = _SPLIT_RE.match(base)
+    stem = split["stem"] if split else base[: -len(".gguf")] if base.lower().endswith(".gguf") else base
+    found = _QUANT_IN_NAME.findall(stem)
+    return found[-1].upper() if found else None
+
+
+def _choose(model: HubModel, names: Sequence[str], where: str) -> str:
+    """The (first) file of ``model`` among a repository's files.
+
+    :raises HubModelNotFound: when none matches. :raises AmbiguousModel: when several do.
+    """
+    candidates = _candidates(names)
+    if model.quant is not None:
+        matching = [n for n in candidates if (quant_of(n) or "").upper() == model.quant.upper()]
+        if not matching:  # a quant in a form the name pattern does not know: a plain substring match
+            matching = [n for n in candidates if model.quant.lower() in n.rsplit("/", 1)[-1].lower()]
+    else:
+        matching = candidates
+    if len(matching) == 1:
+        return matching[0]
+    if matching:
+        raise AmbiguousModel(str(model), matching)
+    if not candidates:
+        raise HubModelNotFound(str(model), f"{where} holds no GGUF file")
+    quants = sorted({q for q in map(quant_of, candidates) if q})
+    hint = f"pick one of {', '.join(quants) if quants else ', '.join(candidates)}"
+    if "cached copy" in where:
+        hint += f", or {_hint(model)}"
+    raise HubModelNotFound(str(model), f"{where} has no GGUF file of quantization {model.quant}", hint)
+
+
+# -- the hub and its cache -----------------------------------------------------------------------
+
+
+def _cached_files(hub: Any, model: HubModel, cache_dir: str | Path | None) -> list[tuple[str, Path]] | None:
+    """The files of ``model``'s revision in the cache, as (name in repo, snapshot path); None when
+    the cache has no snapshot of that revision."""
+    try:
+        info = hub.scan_cache_dir(cache_dir)
+    except hub.CacheNotFound:
+        return None
+    wanted = model.revision or "main"
+    for repo in info.repos:
+        if repo.repo_type != "model" or repo.repo_id != model.repo_id:
+            continue
+        for revision in repo.revisions:
+            if wanted in revision.refs or revision.commit_hash.startswith(wanted):
+                snapshot = Path(revision.snapshot_path)
+                return sorted((f.file_path.relative_to(snapshot).as_posix(), Path(f.file_path)) for f in revision.files)
+    return None
+
+
+def _is_bug(exc: BaseException) -> bool:
+    return isinstance(exc, (TypeError, AttributeError, NameError, AssertionError))
+
+
+def _hint(model: HubModel, filename: str | None = None) -> str:
+    spec = HubModel(model.repo_id, filename or model.filename, None if filename else model.quant, model.revision)
+    return f"run `llama-proc pull {spec}` where the hub can be reached"
+
+
+def _listing(
+    hub: Any, model: HubModel, token: str | bool | None, cache_dir: Any, offline: bool
+) -> tuple[list[str], str]:
+    """The repository's file names, and where they come from: the hub, else (offline, or the hub
+    unreachable) the cache, with the reason.
+
+    :raises HubModelNotFound: for a repository or revision the hub does not have, or neither
+        the hub nor the cache can tell.
+    """
+    reason = "offline (HF_HUB_OFFLINE is set)" if offline else ""
+    if not offline:
+        try:
+            info = hub.HfApi(token=token).model_info(model.repo_id, revision=model.revision, timeout=30)
+            return [s.rfilename for s in (info.siblings or [])], model.repo_id
+        except hub.errors.GatedRepoError:
+            raise HubModelNotFound(
+                str(model), f"{model.repo_id} is gated", "accept its terms on the hub and set HF_TOKEN"
+            ) from None
+        except hub.errors.RepositoryNotFoundError:
+            raise HubModelNotFound(
+                str(model),
+                f"no model repository {model.repo_id} on {hub.constants.ENDPOINT}",
+                "check the name; a private repository needs a token (HF_TOKEN or `hf auth login`)",
+            ) from None
+        except hub.errors.RevisionNotFoundError:
+            raise HubModelNotFound(str(model), f"{model.repo_id} has no revision {model.revision}") from None
+        except Exception as exc:  # the hub is down or unreachable: the cache may still have the model
+            if _is_bug(exc):
+                raise
+            reason = f"the hub cannot be reached ({type(exc).__name__}: {exc})"
+    cached = _cached_files(hub, model, cache_dir)
+    if cached is None:
+        raise HubModelNotFound(str(model), f"{reason}, and the cache has no copy of it", _hint(model))
+    return [name for name, _ in cached], f"the cached copy of {model.repo_id} ({reason})"
+
+
+def _download(hub: Any, model: HubModel, filename: str, token: Any, cache_dir: Any, local_only: bool) -> Path:
+    try:
+        return Path(
+            hub.hf_hub_download(
+                model.repo_id,
+                filename,
+                revision=model.revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_only,
+            )
+        )
+    except hub.errors.LocalEntryNotFoundError:
+        reason = "offline" if local_only or hub.constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise HubModelNotFound(
+            str(model), f"{reason}, and the cache has no copy of {filename}", _hint(model, filename)
+        ) from None
+    except hub.errors.EntryNotFoundError:
+        raise HubModelNotFound(str(model), f"{model.repo_id} has no file {filename}") from None
+    except hub.errors.GatedRepoError:
+        raise HubModelNotFound(
+            str(model), f"{model.repo_id} is gated", "accept its terms on the hub and set HF_TOKEN"
+        ) from None
+    except hub.errors.RepositoryNotFoundError:
+        raise HubModelNotFound(
+            str(model),
+            f"no model repository {model.repo_id} on {hub.constants.ENDPOINT}",
+            "check the name; a private repository needs a token (HF_TOKEN or `hf auth login`)",
+        ) from None
+    except hub.errors.RevisionNotFoundError:
+        raise HubModelNotFound(str(model), f"{model.repo_id} has no revision {model.revision}") from None
+
+
+def _as_model(repo_id: str | HubModel, filename: str | None, quant: str | None, revision: str | None) -> HubModel:
+    if isinstance(repo_id, HubModel):
+        model = repo_id
+    elif repo_id.startswith("hf://"):
+        model = HubModel.parse(repo_id)
+    else:
+        model = HubModel(repo_id)
+    return HubModel(model.repo_id, filename or model.filename, quant or model.quant, revision or model.revision)
+
+
+def pull(
+    repo_id: str | HubModel,
+    filename: str | None = None,
+    *,
+    quant: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """Download a GGUF model into the Hugging Face cache (if it is not there yet) and return its path.
+
+    The file is ``filename`` if given, else the one of quantization ``quant`` (``"Q4_K_M"``), else the
+    repository's only GGUF model. A split model is downloaded whole; its first part is returned.
+    Offline (``HF_HUB_OFFLINE=1``, ``local_files_only=True``, or the hub unreachable) the model comes
+    from the cache.
+
+    :param repo_id: ``"org/repo"``, or a whole spec (``"hf://org/repo:Q4_K_M"``).
+    :param token: a hub token; by default ``HF_TOKEN`` or the one saved by ``hf auth login``.
+    :param cache_dir: the hub cache to use instead of ``$HF_HOME/hub``.
+    :raises HubModelNotFound: naming what is missing (repository, revision, file, quantization, or the
+        cached copy when offline) and what to do.
+    :raises AmbiguousModel: when several GGUF models match, listing them.
+    :raises ValueError: for a malformed repository name or spec.
+    :raises ImportError: without ``huggingface_hub`` (``pip install 'llama-proc[hf]'``).
+    """
+    model = _as_model(repo_id, filename, quant, revision)
+    hub = _hub()
+    offline = local_files_only or bool(hub.constants.HF_HUB_OFFLINE)
+    first = model.filename
+    if first is None:
+        names, where = _listing(hub, model, token, cache_dir, offline)
+        first = _choose(model, names, where + (f" at {model.revision}" if model.revision else ""))
+    paths = [_download(hub, model, name, token, cache_dir, offline) for name in _parts(first)]
+    return paths[0]
+
+
+def resolve(model: HubModel, *, cache_dir: str | Path | None = None) -> Path:
+    """The local path of ``model``: from the cache when it is there (no network), else pulled.
+
+    What a server start uses: a cached model starts offline and without a round trip to the hub;
+    ``pull()`` is the way to look for a newer revision.
+    """
+    try:
+        return pull(model, cache_dir=cache_dir, local_files_only=True)
+    except HubModelNotFound as exc:
+        if "the cache has no copy" not in exc.reason:
+            raise
+    return pull(model, cache_dir=cache_dir)
+
+
+# -- what is in the cache --------------------------------------------------------------------------
+
+
+class GGUFInfo(NamedTuple):
+    """What a GGUF file's header says: the architecture and the quantization (file type)."""
+
+    architecture: str | None
+    quant: str | None
+
+
+def gguf_info(path: str | Path) -> GGUFInfo:
+    """Read the architecture and quantization from a GGUF file's header, without loading its tensors.
+
+    Needs the ``gguf`` package (``llama-proc[hf]``); the quantization falls back to the one the file
+    name states when the header has none.
+
+    :raises NotAGGUFFile: when the file is not GGUF.
+    """
+    import gguf
+
+    from .errors import NotAGGUFFile
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except ValueError:
+        raise NotAGGUFFile(str(path)) from None
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    arch = value("general.architecture")
+    file_type = value("general.file_type")
+    quant = None
+    if isinstance(file_type, int):
+        try:
+            quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
+            quant = None
+        if quant == "ALL_F32":
+            quant = "F32"
+    return GGUFInfo(arch if isinstance(arch, str) else None, quant or quant_of(Path(path).name))
+
+
+class CachedModel(NamedTuple):
+    """A GGUF model in the Hugging Face cache (``llama-proc models``)."""
+
+    repo_id: str
+    filename: str
+    revision: str
+    path: Path
+    size: int
+    parts: int
+    architecture: str | None
+    quant: str | None
+
+    @property
+    def spec(self) -> str:
+        """The ``hf://`` spec that names it."""
+        return f"hf://{self.repo_id}/{self.filename}"
+
+
+def cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
+    """The GGUF models in the Hugging Face cache, with size (all parts), architecture and quantization
+    read from each file's header. A revision is named by its branch or tag when it has one."""
+    hub = _hub()
+    try:
+        info = hub.scan_cache_dir(cache_dir)
+    except hub.CacheNotFound:
+        return []
+    out = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        for revision in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+            snapshot = Path(revision.snapshot_path)
+            files = {f.file_path.relative_to(snapshot).as_posix(): f for f in revision.files}
+            for name in _candidates(list(files)):
+                parts = [files[p] for p in _parts(name) if p in files]
+                first = files[name].file_path
+                try:
+                    arch, quant = gguf_info(first)
+                except Exception:  # a damaged or foreign file is listed, not fatal to the listing
+                    arch, quant = None, quant_of(name)
+                out.append(
+                    CachedModel(
+                        repo.repo_id,
+                        name,
+                        ",".join(sorted(revision.refs)) or revision.commit_hash[:12],
+                        Path(first),
+                        sum(p.size_on_disk for p in parts),
+                        len(parts),
+                        arch,
+                        quant,
+                    )
+                )
+    return out
