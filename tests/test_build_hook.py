@@ -1,5 +1,5 @@
-"""The setup.py build hook: the order of its sources (fakes), and wheels built offline, skipped, and
-against a loopback release mirror."""
+"""The setup.py build hook: the order of its sources (fakes), wheels built offline, skipped, against a
+loopback release mirror and from the user cache, and such a wheel installed and run."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
 import pytest
 
+import llama_proc
 from llama_proc import _build_hook, releases
 from llama_proc.binaries import PINNED_SOURCE_SHA256, BuildResult
 from llama_proc.errors import BuildError, DownloadError
@@ -338,3 +340,110 @@ def test_a_missing_llama_server_path_is_a_warning_not_another_binary(
     monkeypatch.setenv("LLAMA_SERVER_PATH", str(tmp_path / "missing" / "llama-server"))
     assert _build_hook.install_into(tmp_path / "bin") == []
     assert "LLAMA_SERVER_PATH: " in capsys.readouterr().err and not (tmp_path / "bin").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a wheel built from the user cache, installed into a fresh environment and run
+
+RUN_INSTALLED = """
+import json, sys
+import llama_proc
+from llama_proc import LlamaServer, LlamaServerArgs
+
+with LlamaServer(LlamaServerArgs(model=sys.argv[1], n_ctx=256), startup_timeout=60) as server:
+    reply = server.chat_completions({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+print(json.dumps({"module": llama_proc.__file__, "executable": str(server.executable),
+                  "tokens": reply["usage"]["completion_tokens"]}))
+"""
+
+
+def cache_holding(build: Path, cache: Path) -> Path:
+    """A user cache (``LLAMA_PROC_CACHE_DIR`` already points at it) whose only content is links to
+    ``build``'s executables, libraries and BUILD_INFO.json; a build without the info of the pinned
+    source gets that info, since the cache is what this test is about, not how its build was made."""
+    folder = cache / "bin" / TARGET / "cpu"
+    folder.mkdir(parents=True)
+    for item in build.iterdir():
+        if item.is_file() and (item.name in ("llama-server", "rpc-server", "BUILD_INFO.json") or ".so" in item.name):
+            (folder / item.name).symlink_to(item)
+    if _build_hook.cached_build("cpu", releases.PINNED_TAG) is None:
+        (folder / "BUILD_INFO.json").unlink(missing_ok=True)
+        (folder / "BUILD_INFO.json").write_text(json.dumps({**PINNED_BUILD, "source": str(build), "target": TARGET}))
+    assert _build_hook.cached_build("cpu", releases.PINNED_TAG) == folder
+    return cache
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_a_wheel_from_the_cache_runs_where_nothing_else_is(
+    project: Path, tmp_path: Path, llama_exe: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMA_PROC_CACHE_DIR", str(tmp_path / "build-cache"))
+    cache = cache_holding(llama_exe.parent, tmp_path / "build-cache")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_PROC_", "LLAMA_SERVER", "PYTHON"))}
+    # no download and no compile could place it: only the cache can
+    build_env = {
+        **env,
+        "LLAMA_PROC_CACHE_DIR": str(cache),
+        "LLAMA_PROC_BUILD": "never",
+        "LLAMA_PROC_RELEASES_URL": "http://127.0.0.1:9",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check", "-v", "-w", str(out), str(project)],
+        capture_output=True, text=True, timeout=120, env=build_env, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "copied from the user cache" in output and "could not place" not in output, output[-3000:]
+    (wheel,) = out.glob("*.whl")
+    machine = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    assert wheel.name == f"llama_proc-{llama_proc.__version__}-py3-none-{machine}.whl"
+    names = names_in(wheel)
+    for name in ("llama-server", "rpc-server", "BUILD_INFO.json"):
+        assert f"llama_proc/bin/{TARGET}/cpu/{name}" in names
+
+    # a fresh environment: its dependencies from this one (not its llama_proc: a .pth line adds a
+    # folder to sys.path without running that folder's own .pth files, the editable install's included)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    Path(purelib, "deps.pth").write_text("\n".join(sorted(deps)) + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--disable-pip-version-check", "-q", str(wheel)],
+        check=True, timeout=120, capture_output=True,
+    )  # fmt: skip
+
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    path = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if p and not Path(p, "llama-server").exists()
+    )
+    run_env = {**env, "LLAMA_PROC_CACHE_DIR": str(empty), "PATH": path}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ran = subprocess.run(
+        [str(python), "-c", RUN_INSTALLED, str(tiny_model)], cwd=elsewhere, env=run_env, capture_output=True, text=True,
+        timeout=120, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(ran.stdout.splitlines()[-1])
+    site = Path(purelib).resolve()
+    assert site in Path(result["module"]).resolve().parents
+    assert Path(result["executable"]).resolve() == site / "llama_proc" / "bin" / TARGET / "cpu" / "llama-server"
+    assert result["tokens"] == 4, result
+    # its libraries resolve from where it was installed, without llama_proc's LD_LIBRARY_PATH
+    bare_env = {k: v for k, v in run_env.items() if k != "LD_LIBRARY_PATH"}
+    version = subprocess.run(
+        [result["executable"], "--version"], env=bare_env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert version.returncode == 0 and "version" in version.stdout + version.stderr, version.stderr[-2000:]
+    # and nothing was downloaded or built for it
+    assert not {"bin", "build", "src", "sources", "downloads"} & {p.name for p in empty.iterdir()}
