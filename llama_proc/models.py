@@ -35,7 +35,7 @@ def _hub() -> Any:
     try:
         import huggingface_hub
         import huggingface_hub.constants
-        import huggingface_hub.errors
+        import huggingface_hub.utils
     except ImportError:
         raise ImportError(
             "models from the Hugging Face hub need the huggingface_hub package: pip install 'llama-proc[hf]'"
@@ -147,22 +147,24 @@ def _listing(
         try:
             info = hub.HfApi(token=token).model_info(model.repo_id, revision=model.revision, timeout=30)
             return [s.rfilename for s in (info.siblings or [])], model.repo_id
-        except hub.errors.GatedRepoError:
+        except hub.utils.GatedRepoError:
             raise HubModelNotFound(
                 str(model), f"{model.repo_id} is gated", "accept its terms on the hub and set HF_TOKEN"
             ) from None
-        except hub.errors.RepositoryNotFoundError:
+        except hub.utils.RepositoryNotFoundError:
             raise HubModelNotFound(
                 str(model),
                 f"no model repository {model.repo_id} on {hub.constants.ENDPOINT}",
-                "check the name; a private repository needs a token (HF_TOKEN or `hf auth login`)",
+                "check the name; a private repository needs a token (HF_TOKEN, or a saved hub login)",
             ) from None
-        except hub.errors.RevisionNotFoundError:
+        except hub.utils.RevisionNotFoundError:
             raise HubModelNotFound(str(model), f"{model.repo_id} has no revision {model.revision}") from None
         except Exception as exc:  # the hub is down or unreachable: the cache may still have the model
             if _is_bug(exc):
                 raise
-            reason = f"the hub cannot be reached ({type(exc).__name__}: {exc})"
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            text = text if len(text) <= 100 else text[:97] + "..."
+            reason = f"the hub cannot be reached ({type(exc).__name__}: {text})"
     cached = _cached_files(hub, model, cache_dir)
     if cached is None:
         raise HubModelNotFound(str(model), f"{reason}, and the cache has no copy of it", _hint(model))
@@ -181,24 +183,24 @@ def _download(hub: Any, model: HubModel, filename: str, token: Any, cache_dir: A
                 local_files_only=local_only,
             )
         )
-    except hub.errors.LocalEntryNotFoundError:
+    except hub.utils.LocalEntryNotFoundError:
         reason = "offline" if local_only or hub.constants.HF_HUB_OFFLINE else "the hub cannot be reached"
         raise HubModelNotFound(
             str(model), f"{reason}, and the cache has no copy of {filename}", _hint(model, filename)
         ) from None
-    except hub.errors.EntryNotFoundError:
+    except hub.utils.EntryNotFoundError:
         raise HubModelNotFound(str(model), f"{model.repo_id} has no file {filename}") from None
-    except hub.errors.GatedRepoError:
+    except hub.utils.GatedRepoError:
         raise HubModelNotFound(
             str(model), f"{model.repo_id} is gated", "accept its terms on the hub and set HF_TOKEN"
         ) from None
-    except hub.errors.RepositoryNotFoundError:
+    except hub.utils.RepositoryNotFoundError:
         raise HubModelNotFound(
             str(model),
             f"no model repository {model.repo_id} on {hub.constants.ENDPOINT}",
-            "check the name; a private repository needs a token (HF_TOKEN or `hf auth login`)",
+            "check the name; a private repository needs a token (HF_TOKEN, or a saved hub login)",
         ) from None
-    except hub.errors.RevisionNotFoundError:
+    except hub.utils.RevisionNotFoundError:
         raise HubModelNotFound(str(model), f"{model.repo_id} has no revision {model.revision}") from None
 
 
