@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 import attrs
 
@@ -45,6 +45,9 @@ from .platforms import (
 from .releases import api_url, release_tag
 from .server import LlamaServer
 from .versions import server_version
+
+if TYPE_CHECKING:
+    from .types import ChatCompletionRequest
 
 __all__ = ["main"]
 
@@ -402,7 +405,11 @@ def _cmd_demo(ns: argparse.Namespace, out: TextIO) -> int:
     with server:
         t_ready = time.monotonic()
         out.write(f"started:      pid {server.pid} at {server.base_url} in {(t_ready - t_start) * 1000:.0f} ms\n")
-        request = {"model": "tiny", "messages": [{"role": "user", "content": ns.prompt}], "max_tokens": ns.max_tokens}
+        request: ChatCompletionRequest = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": ns.prompt}],
+            "max_tokens": ns.max_tokens,
+        }
         t = time.monotonic()
         reply = server.chat_completions(request)
         text = reply["choices"][0]["message"]["content"]
@@ -412,7 +419,7 @@ def _cmd_demo(ns: argparse.Namespace, out: TextIO) -> int:
         t = time.monotonic()
         first: float | None = None
         chunks = 0
-        with server.chat_completions({**request, "stream": True}) as stream:
+        with server.chat_completions(request, stream=True) as stream:
             for chunk in stream:
                 delta = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
                 if delta:

@@ -23,7 +23,7 @@ import json as _json
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Union, cast, overload
 from urllib.parse import urlsplit
 
 from ._transport import translate_error
@@ -44,6 +44,32 @@ if TYPE_CHECKING:
     import requests
 
     from . import _adapter as _adapter_module
+    from .types import (
+        ChatCompletion,
+        ChatCompletionChunk,
+        ChatCompletionRequest,
+        ChatCompletionStreamRequest,
+        Completion,
+        CompletionChunk,
+        CompletionRequest,
+        CompletionStreamRequest,
+        DetokenizeRequest,
+        DetokenizeResponse,
+        EmbeddingsRequest,
+        EmbeddingsResponse,
+        HealthResponse,
+        InfillChunk,
+        InfillRequest,
+        InfillResponse,
+        InfillStreamRequest,
+        ModelsResponse,
+        PropsResponse,
+        RerankRequest,
+        RerankResponse,
+        Slot,
+        TokenizeRequest,
+        TokenizeResponse,
+    )
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -186,7 +212,11 @@ class Endpoints:
                 502, {"error": {"message": "the server answered with invalid JSON"}}, response.url
             ) from None
 
-    def _maybe_stream(self, path: str, request: Mapping[str, Any], timeout: Timeout | object) -> Any:
+    def _maybe_stream(
+        self, path: str, request: Mapping[str, Any], stream: bool | None, timeout: Timeout | object
+    ) -> Any:
+        if stream is not None:
+            request = {**request, "stream": stream}
         if request.get("stream"):
             response = self._call("POST", path, request, stream=True, timeout=timeout)
             http = self._http()
@@ -201,25 +231,117 @@ class Endpoints:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def chat_completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
-        """POST ``/v1/chat/completions``; returns the response dict, or a :class:`Stream` when ``"stream": True``."""
-        return self._maybe_stream("/v1/chat/completions", request, timeout)
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: Literal[True], timeout: Timeout | object = ...
+    ) -> Stream[ChatCompletionChunk]: ...
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: Literal[False], timeout: Timeout | object = ...
+    ) -> ChatCompletion: ...
+    @overload
+    def chat_completions(
+        self, request: ChatCompletionStreamRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> Stream[ChatCompletionChunk]: ...
+    @overload
+    def chat_completions(
+        self, request: ChatCompletionRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion: ...
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]: ...
 
-    def completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
-        """POST ``/v1/completions``; returns the response dict, or a :class:`Stream` when ``"stream": True``."""
-        return self._maybe_stream("/v1/completions", request, timeout)
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]:
+        """POST ``/v1/chat/completions``; returns the answer, or a :class:`Stream` of chunks when the
+        request has ``"stream": True``.
 
-    def infill(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
-        """POST ``/infill`` (code infilling); a :class:`Stream` when ``"stream": True``."""
-        return self._maybe_stream("/infill", request, timeout)
+        :param request: a :class:`~llama_proc.types.ChatCompletionRequest` or any mapping (see
+            :mod:`llama_proc.types` for how its type decides the return type).
+        :param stream: when given, sets the request's ``"stream"`` key (and the return type).
+        """
+        result: ChatCompletion | Stream[ChatCompletionChunk] = self._maybe_stream(
+            "/v1/chat/completions", request, stream, timeout
+        )
+        return result
 
-    def embeddings(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: Literal[True], timeout: Timeout | object = ...
+    ) -> Stream[CompletionChunk]: ...
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: Literal[False], timeout: Timeout | object = ...
+    ) -> Completion: ...
+    @overload
+    def completions(
+        self, request: CompletionStreamRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> Stream[CompletionChunk]: ...
+    @overload
+    def completions(
+        self, request: CompletionRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> Completion: ...
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> Completion | Stream[CompletionChunk]: ...
+
+    def completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> Completion | Stream[CompletionChunk]:
+        """POST ``/v1/completions``; returns the answer, or a :class:`Stream` of chunks when the
+        request has ``"stream": True``.
+
+        :param request: a :class:`~llama_proc.types.CompletionRequest` or any mapping.
+        :param stream: when given, sets the request's ``"stream"`` key (and the return type).
+        """
+        result: Completion | Stream[CompletionChunk] = self._maybe_stream("/v1/completions", request, stream, timeout)
+        return result
+
+    @overload
+    def infill(
+        self, request: Mapping[str, Any], *, stream: Literal[True], timeout: Timeout | object = ...
+    ) -> Stream[InfillChunk]: ...
+    @overload
+    def infill(
+        self, request: Mapping[str, Any], *, stream: Literal[False], timeout: Timeout | object = ...
+    ) -> InfillResponse: ...
+    @overload
+    def infill(
+        self, request: InfillStreamRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> Stream[InfillChunk]: ...
+    @overload
+    def infill(
+        self, request: InfillRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> InfillResponse: ...
+    @overload
+    def infill(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> InfillResponse | Stream[InfillChunk]: ...
+
+    def infill(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> InfillResponse | Stream[InfillChunk]:
+        """POST ``/infill`` (code infilling, in llama-server's own format); a :class:`Stream` of
+        chunks when the request has ``"stream": True``.
+
+        :param request: an :class:`~llama_proc.types.InfillRequest` or any mapping.
+        :param stream: when given, sets the request's ``"stream"`` key (and the return type).
+        """
+        result: InfillResponse | Stream[InfillChunk] = self._maybe_stream("/infill", request, stream, timeout)
+        return result
+
+    def embeddings(
+        self, request: EmbeddingsRequest | Mapping[str, Any], *, timeout: Timeout | object = ...
+    ) -> EmbeddingsResponse:
         """POST ``/v1/embeddings`` (the server needs ``embeddings=True`` and a pooling type).
 
         :raises BadRequestError: saying to set ``pooling`` when the model has no pooling type.
         """
         try:
-            result: dict[str, Any] = self._json("POST", "/v1/embeddings", request, timeout)
+            result: EmbeddingsResponse = self._json("POST", "/v1/embeddings", request, timeout)
         except BadRequestError as exc:
             if "pooling type 'none'" not in str(exc).lower():
                 raise
@@ -230,45 +352,49 @@ class Endpoints:
             raise BadRequestError(exc.status, {**body, "error": error}, exc.url) from None
         return result
 
-    def rerank(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def rerank(self, request: RerankRequest | Mapping[str, Any], *, timeout: Timeout | object = ...) -> RerankResponse:
         """POST ``/v1/rerank`` (the server needs ``reranking=True`` and a reranking model)."""
-        result: dict[str, Any] = self._json("POST", "/v1/rerank", request, timeout)
+        result: RerankResponse = self._json("POST", "/v1/rerank", request, timeout)
         return result
 
     # -- tokens -------------------------------------------------------------------------------
 
-    def tokenize(self, request: Mapping[str, Any] | str, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def tokenize(
+        self, request: TokenizeRequest | Mapping[str, Any] | str, *, timeout: Timeout | object = ...
+    ) -> TokenizeResponse:
         """POST ``/tokenize``; ``request`` is ``{"content": ...}`` or just the text."""
         body = {"content": request} if isinstance(request, str) else request
-        result: dict[str, Any] = self._json("POST", "/tokenize", body, timeout)
+        result: TokenizeResponse = self._json("POST", "/tokenize", body, timeout)
         return result
 
-    def detokenize(self, request: Mapping[str, Any] | list[int], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def detokenize(
+        self, request: DetokenizeRequest | Mapping[str, Any] | list[int], *, timeout: Timeout | object = ...
+    ) -> DetokenizeResponse:
         """POST ``/detokenize``; ``request`` is ``{"tokens": [...]}`` or just the token list."""
         body = {"tokens": request} if isinstance(request, list) else request
-        result: dict[str, Any] = self._json("POST", "/detokenize", body, timeout)
+        result: DetokenizeResponse = self._json("POST", "/detokenize", body, timeout)
         return result
 
     # -- state --------------------------------------------------------------------------------
 
-    def health(self, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def health(self, *, timeout: Timeout | object = ...) -> HealthResponse:
         """GET ``/health``: ``{"status": "ok"}`` when ready (503 raises while loading)."""
-        result: dict[str, Any] = self._json("GET", "/health", None, timeout)
+        result: HealthResponse = self._json("GET", "/health", None, timeout)
         return result
 
-    def props(self, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def props(self, *, timeout: Timeout | object = ...) -> PropsResponse:
         """GET ``/props``: the server's settings, chat template and build."""
-        result: dict[str, Any] = self._json("GET", "/props", None, timeout)
+        result: PropsResponse = self._json("GET", "/props", None, timeout)
         return result
 
-    def models(self, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def models(self, *, timeout: Timeout | object = ...) -> ModelsResponse:
         """GET ``/v1/models``: the loaded model, under its alias."""
-        result: dict[str, Any] = self._json("GET", "/v1/models", None, timeout)
+        result: ModelsResponse = self._json("GET", "/v1/models", None, timeout)
         return result
 
-    def slots(self, *, timeout: Timeout | object = ...) -> list[dict[str, Any]]:
+    def slots(self, *, timeout: Timeout | object = ...) -> list[Slot]:
         """GET ``/slots``: the state of each processing slot."""
-        result: list[dict[str, Any]] = self._json("GET", "/slots", None, timeout)
+        result: list[Slot] = self._json("GET", "/slots", None, timeout)
         return result
 
     def metrics(self, *, timeout: Timeout | object = ...) -> str:

@@ -15,10 +15,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, overload
 
 import attrs
 
+from .client import Timeout
 from .config import LlamaServerArgs
 from .errors import ConfigError, ModelNotRegistered, ServerBusy, ServerNotRunning, SharedServerConflict
 from .server import EventKind, Listener, LlamaServer, ServerEvent, emit, owned_servers
@@ -26,6 +27,19 @@ from .streaming import Stream
 
 if TYPE_CHECKING:
     import requests
+
+    from .types import (
+        ChatCompletion,
+        ChatCompletionChunk,
+        ChatCompletionRequest,
+        ChatCompletionStreamRequest,
+        Completion,
+        CompletionChunk,
+        CompletionRequest,
+        CompletionStreamRequest,
+        EmbeddingsRequest,
+        EmbeddingsResponse,
+    )
 
 __all__ = ["ServerManager", "shared_server", "stop_all"]
 
@@ -470,17 +484,71 @@ class ServerManager:
             lease.release()
         return result
 
-    def chat_completions(self, request: Mapping[str, Any], **kwargs: Any) -> Any:
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: Literal[True], timeout: Timeout | object = ...
+    ) -> Stream[ChatCompletionChunk]: ...
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: Literal[False], timeout: Timeout | object = ...
+    ) -> ChatCompletion: ...
+    @overload
+    def chat_completions(
+        self, request: ChatCompletionStreamRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> Stream[ChatCompletionChunk]: ...
+    @overload
+    def chat_completions(
+        self, request: ChatCompletionRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion: ...
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]: ...
+
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]:
         """Route to the server of ``request["model"]`` (see :meth:`LlamaServer.chat_completions`)."""
-        return self._route("chat_completions", request, **kwargs)
+        result: ChatCompletion | Stream[ChatCompletionChunk] = self._route(
+            "chat_completions", request, stream=stream, timeout=timeout
+        )
+        return result
 
-    def completions(self, request: Mapping[str, Any], **kwargs: Any) -> Any:
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: Literal[True], timeout: Timeout | object = ...
+    ) -> Stream[CompletionChunk]: ...
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: Literal[False], timeout: Timeout | object = ...
+    ) -> Completion: ...
+    @overload
+    def completions(
+        self, request: CompletionStreamRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> Stream[CompletionChunk]: ...
+    @overload
+    def completions(
+        self, request: CompletionRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> Completion: ...
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> Completion | Stream[CompletionChunk]: ...
+
+    def completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> Completion | Stream[CompletionChunk]:
         """Route to the server of ``request["model"]`` (see :meth:`LlamaServer.completions`)."""
-        return self._route("completions", request, **kwargs)
+        result: Completion | Stream[CompletionChunk] = self._route(
+            "completions", request, stream=stream, timeout=timeout
+        )
+        return result
 
-    def embeddings(self, request: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
+    def embeddings(
+        self, request: EmbeddingsRequest | Mapping[str, Any], *, timeout: Timeout | object = ...
+    ) -> EmbeddingsResponse:
         """Route to the server of ``request["model"]`` (see :meth:`LlamaServer.embeddings`)."""
-        result: dict[str, Any] = self._route("embeddings", request, **kwargs)
+        result: EmbeddingsResponse = self._route("embeddings", request, timeout=timeout)
         return result
 
     def forward(

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Protocol, overload, runtime_checkable
 
 from ._registry import reap_stale
 from .binaries import find_executable, library_env
@@ -40,6 +40,25 @@ from .remote import RemoteServer
 from .supervision import EventKind, Listener, RestartPolicy, ServerEvent, Supervisor, emit
 from .versions import flag_dialect
 
+if TYPE_CHECKING:
+    from .types import (
+        ChatCompletion,
+        ChatCompletionChunk,
+        ChatCompletionRequest,
+        ChatCompletionStreamRequest,
+        ChunkStream,
+        Completion,
+        CompletionChunk,
+        CompletionRequest,
+        CompletionStreamRequest,
+        DetokenizeRequest,
+        DetokenizeResponse,
+        EmbeddingsRequest,
+        EmbeddingsResponse,
+        TokenizeRequest,
+        TokenizeResponse,
+    )
+
 __all__ = ["EventKind", "Listener", "LlamaServer", "RestartPolicy", "Server", "ServerEvent", "emit"]
 
 _log = logging.getLogger("llama_proc.lifecycle")  # llama_proc.server carries the process's own output
@@ -55,6 +74,8 @@ class Server(Protocol):
     """What code that needs an LLM server depends on; :class:`LlamaServer` implements it.
 
     Every method blocks. Implementations for tests: :class:`llama_proc.testing.FakeServer`.
+    A streamed answer is typed as a :class:`~llama_proc.types.ChunkStream` (an iterator of chunks
+    and a context manager), which both :class:`~llama_proc.Stream` and the fake's stream are.
     """
 
     def start(self) -> None:
@@ -67,19 +88,72 @@ class Server(Protocol):
         """The arguments the server runs (or will run) with; None for a server that this process
         did not start (:meth:`LlamaServer.attach`)."""
 
-    def chat_completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
-        """OpenAI chat completion; a :class:`Stream` when ``"stream": True``."""
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: Literal[True], timeout: Timeout | object = ...
+    ) -> ChunkStream[ChatCompletionChunk]: ...
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: Literal[False], timeout: Timeout | object = ...
+    ) -> ChatCompletion: ...
+    @overload
+    def chat_completions(
+        self, request: ChatCompletionStreamRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> ChunkStream[ChatCompletionChunk]: ...
+    @overload
+    def chat_completions(
+        self, request: ChatCompletionRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion: ...
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion | ChunkStream[ChatCompletionChunk]: ...
 
-    def completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
-        """OpenAI text completion; a :class:`Stream` when ``"stream": True``."""
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion | ChunkStream[ChatCompletionChunk]:
+        """OpenAI chat completion; a stream of chunks when ``stream=True`` or ``"stream": True``
+        (see :mod:`llama_proc.types` for the return types)."""
 
-    def embeddings(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: Literal[True], timeout: Timeout | object = ...
+    ) -> ChunkStream[CompletionChunk]: ...
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: Literal[False], timeout: Timeout | object = ...
+    ) -> Completion: ...
+    @overload
+    def completions(
+        self, request: CompletionStreamRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> ChunkStream[CompletionChunk]: ...
+    @overload
+    def completions(
+        self, request: CompletionRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> Completion: ...
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> Completion | ChunkStream[CompletionChunk]: ...
+
+    def completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> Completion | ChunkStream[CompletionChunk]:
+        """OpenAI text completion; a stream of chunks when ``stream=True`` or ``"stream": True``."""
+
+    def embeddings(
+        self, request: EmbeddingsRequest | Mapping[str, Any], *, timeout: Timeout | object = ...
+    ) -> EmbeddingsResponse:
         """OpenAI embeddings."""
 
-    def tokenize(self, request: Mapping[str, Any] | str, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def tokenize(
+        self, request: TokenizeRequest | Mapping[str, Any] | str, *, timeout: Timeout | object = ...
+    ) -> TokenizeResponse:
         """Text -> tokens."""
 
-    def detokenize(self, request: Mapping[str, Any] | list[int], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def detokenize(
+        self, request: DetokenizeRequest | Mapping[str, Any] | list[int], *, timeout: Timeout | object = ...
+    ) -> DetokenizeResponse:
         """Tokens -> text."""
 
 

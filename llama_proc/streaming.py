@@ -8,7 +8,7 @@ import os
 import re
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar, cast
 
 import attrs
 
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 __all__ = ["SSEDecoder", "ServerSentEvent", "Stream"]
 
 _EOL = re.compile(rb"\r\n|\r|\n")
+
+#: The type of a stream's chunks (:class:`~llama_proc.types.ChatCompletionChunk`, ...).
+T_co = TypeVar("T_co", covariant=True)
 
 
 @attrs.frozen
@@ -139,8 +142,12 @@ def iter_events(chunks: Iterable[bytes]) -> Iterator[ServerSentEvent]:
     yield from decoder.flush()
 
 
-class Stream(Iterator[dict[str, Any]]):
+class Stream(Iterator[T_co]):
     """The chunks of a streamed completion, as dicts.
+
+    Generic in the chunk's type for type checkers: ``chat_completions(..., stream=True)`` returns a
+    ``Stream[ChatCompletionChunk]``, ``completions`` a ``Stream[CompletionChunk]`` (see
+    :mod:`llama_proc.types`). At run time every chunk is the dict parsed from the event's JSON.
 
     Iterate it, or use it as a context manager so that an early ``break`` still closes the
     connection (the server then frees the slot). It stops at ``data: [DONE]`` and raises
@@ -171,7 +178,7 @@ class Stream(Iterator[dict[str, Any]]):
         self._pid = os.getpid()
         self._iterator = self._chunks()
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Stream[T_co]:
         return self
 
     def __del__(self) -> None:
@@ -180,10 +187,10 @@ class Stream(Iterator[dict[str, Any]]):
             with contextlib.suppress(Exception):
                 self.close()
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> T_co:
         return next(self._iterator)
 
-    def __enter__(self) -> Stream:
+    def __enter__(self) -> Stream[T_co]:
         return self
 
     def __exit__(
@@ -263,7 +270,7 @@ class Stream(Iterator[dict[str, Any]]):
                 self._on_timeout()
             raise error from None
 
-    def _chunks(self) -> Iterator[dict[str, Any]]:
+    def _chunks(self) -> Iterator[T_co]:
         decoder = SSEDecoder()
         try:
             for data in self._raw_chunks():
@@ -284,7 +291,7 @@ class Stream(Iterator[dict[str, Any]]):
         finally:
             self.close()
 
-    def _parse(self, name: str | None, data: str | bytes) -> dict[str, Any]:
+    def _parse(self, name: str | None, data: str | bytes) -> T_co:
         """One event's chunk; an error event raises :class:`~llama_proc.errors.APIStreamError`."""
         try:
             payload = json.loads(data)
@@ -297,4 +304,4 @@ class Stream(Iterator[dict[str, Any]]):
             err = payload.get("error", payload) if isinstance(payload, dict) else payload
             code = err.get("code", 500) if isinstance(err, dict) else 500
             raise APIStreamError(code if isinstance(code, int) else 500, payload, self.url)
-        return payload  # type: ignore[no-any-return]
+        return cast("T_co", payload)

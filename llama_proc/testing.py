@@ -20,7 +20,7 @@ import time
 from collections import deque
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, TypeVar, cast, overload
 
 import attrs
 import pytest
@@ -29,7 +29,29 @@ from .client import Timeout
 from .config import LlamaServerArgs
 from .errors import ExecutableNotFound, LlamaProcError, ServerAlreadyRunning, ServerNotRunning
 
+if TYPE_CHECKING:
+    from .types import (
+        ChatCompletion,
+        ChatCompletionChunk,
+        ChatCompletionRequest,
+        ChatCompletionStreamRequest,
+        Completion,
+        CompletionChunk,
+        CompletionRequest,
+        CompletionStreamRequest,
+        DetokenizeRequest,
+        DetokenizeResponse,
+        EmbeddingsRequest,
+        EmbeddingsResponse,
+        HealthResponse,
+        ModelsResponse,
+        TokenizeRequest,
+        TokenizeResponse,
+    )
+
 __all__ = ["FakeCall", "FakeServer", "FakeStream"]
+
+T_co = TypeVar("T_co", covariant=True)
 
 
 @attrs.frozen
@@ -40,17 +62,20 @@ class FakeCall:
     request: Any
 
 
-class FakeStream(Iterator[dict[str, Any]]):
-    """A scripted stream: iterates chunk dicts; a scripted exception is raised where it stands."""
+class FakeStream(Iterator[T_co]):
+    """A scripted stream: iterates chunk dicts; a scripted exception is raised where it stands.
+
+    Generic in the chunk's type, as :class:`~llama_proc.Stream` is (a
+    :class:`~llama_proc.types.ChunkStream`)."""
 
     def __init__(self, items: list[Any]) -> None:
         self._items = deque(items)
         self.closed = False
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> FakeStream[T_co]:
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> T_co:
         if self.closed or not self._items:
             self.close()
             raise StopIteration
@@ -58,9 +83,9 @@ class FakeStream(Iterator[dict[str, Any]]):
         if isinstance(item, BaseException):
             self.close()
             raise item
-        return dict(item)
+        return cast("T_co", dict(item))
 
-    def __enter__(self) -> FakeStream:
+    def __enter__(self) -> FakeStream[T_co]:
         return self
 
     def __exit__(
@@ -170,6 +195,7 @@ class FakeServer:
     def _completion(self, request: Mapping[str, Any], chat: bool) -> Any:
         created = int(time.time())
         model = request.get("model") or self.args.alias or "fake"
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-fake{len(self.calls)}"
         if request.get("stream"):
             kind = "chat.completion.chunk" if chat else "text_completion"
             words: list[str | None] = [*self.reply.split(" "), None]  # None: the closing chunk
@@ -177,10 +203,12 @@ class FakeServer:
             for i, word in enumerate(words):
                 text = "" if word is None else (word if i == 0 else " " + word)
                 piece: dict[str, Any] = (
-                    ({"delta": {"content": text}} if word is not None else {"delta": {}}) if chat else {"text": text}
+                    ({"delta": {"content": text}} if word is not None else {"delta": {}})
+                    if chat
+                    else {"text": text, "logprobs": None}
                 )
                 choice = {"index": 0, "finish_reason": None if word is not None else "stop", **piece}
-                chunks.append({"object": kind, "model": model, "created": created, "choices": [choice]})
+                chunks.append({"id": ident, "object": kind, "model": model, "created": created, "choices": [choice]})
             return chunks
         usage = {
             "prompt_tokens": 1,
@@ -189,24 +217,79 @@ class FakeServer:
         }
         if chat:
             message = {"role": "assistant", "content": self.reply}
-            return {"object": "chat.completion", "model": model, "created": created, "usage": usage,
+            return {"id": ident, "object": "chat.completion", "model": model, "created": created, "usage": usage,
                     "choices": [{"index": 0, "finish_reason": "stop", "message": message}]}  # fmt: skip
-        return {"object": "text_completion", "model": model, "created": created, "usage": usage,
-                "choices": [{"index": 0, "finish_reason": "stop", "text": self.reply}]}  # fmt: skip
+        return {"id": ident, "object": "text_completion", "model": model, "created": created, "usage": usage,
+                "choices": [{"index": 0, "finish_reason": "stop", "text": self.reply, "logprobs": None}]}  # fmt: skip
 
-    def chat_completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
-        """A chat completion (a :class:`FakeStream` when ``"stream": True``)."""
-        return self._answer("chat_completions", request, lambda: self._completion(request, chat=True))
+    def _generate(self, method: str, request: Mapping[str, Any], stream: bool | None) -> Any:
+        if stream is not None:
+            request = {**request, "stream": stream}
+        return self._answer(method, request, lambda: self._completion(request, chat=method == "chat_completions"))
 
-    def completions(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> Any:
-        """A text completion (a :class:`FakeStream` when ``"stream": True``)."""
-        return self._answer("completions", request, lambda: self._completion(request, chat=False))
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: Literal[True], timeout: Timeout | object = ...
+    ) -> FakeStream[ChatCompletionChunk]: ...
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: Literal[False], timeout: Timeout | object = ...
+    ) -> ChatCompletion: ...
+    @overload
+    def chat_completions(
+        self, request: ChatCompletionStreamRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> FakeStream[ChatCompletionChunk]: ...
+    @overload
+    def chat_completions(
+        self, request: ChatCompletionRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion: ...
+    @overload
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion | FakeStream[ChatCompletionChunk]: ...
+
+    def chat_completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> ChatCompletion | FakeStream[ChatCompletionChunk]:
+        """A chat completion (a :class:`FakeStream` when ``stream=True`` or ``"stream": True``)."""
+        result: ChatCompletion | FakeStream[ChatCompletionChunk] = self._generate("chat_completions", request, stream)
+        return result
+
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: Literal[True], timeout: Timeout | object = ...
+    ) -> FakeStream[CompletionChunk]: ...
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: Literal[False], timeout: Timeout | object = ...
+    ) -> Completion: ...
+    @overload
+    def completions(
+        self, request: CompletionStreamRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> FakeStream[CompletionChunk]: ...
+    @overload
+    def completions(
+        self, request: CompletionRequest, *, stream: None = None, timeout: Timeout | object = ...
+    ) -> Completion: ...
+    @overload
+    def completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> Completion | FakeStream[CompletionChunk]: ...
+
+    def completions(
+        self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
+    ) -> Completion | FakeStream[CompletionChunk]:
+        """A text completion (a :class:`FakeStream` when ``stream=True`` or ``"stream": True``)."""
+        result: Completion | FakeStream[CompletionChunk] = self._generate("completions", request, stream)
+        return result
 
     def _vector(self, text: str) -> list[float]:
         digest = hashlib.sha256(text.encode("utf-8")).digest()
         return [(digest[i % len(digest)] - 128) / 128 for i in range(self.dimensions)]
 
-    def embeddings(self, request: Mapping[str, Any], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def embeddings(
+        self, request: EmbeddingsRequest | Mapping[str, Any], *, timeout: Timeout | object = ...
+    ) -> EmbeddingsResponse:
         """Deterministic embeddings: the same text always gets the same vector."""
         texts = request.get("input", "")
         items = [texts] if isinstance(texts, str) else list(texts)
@@ -216,31 +299,36 @@ class FakeServer:
             "data": [
                 {"object": "embedding", "index": i, "embedding": self._vector(str(t))} for i, t in enumerate(items)
             ],
+            "usage": {"prompt_tokens": len(items), "total_tokens": len(items)},
         }
-        result: dict[str, Any] = self._answer("embeddings", request, default)
+        result: EmbeddingsResponse = self._answer("embeddings", request, default)
         return result
 
-    def tokenize(self, request: Mapping[str, Any] | str, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def tokenize(
+        self, request: TokenizeRequest | Mapping[str, Any] | str, *, timeout: Timeout | object = ...
+    ) -> TokenizeResponse:
         """One token per character: its code point."""
         text = request if isinstance(request, str) else str(request.get("content", ""))
-        result: dict[str, Any] = self._answer("tokenize", request, {"tokens": [ord(c) for c in text]})
+        result: TokenizeResponse = self._answer("tokenize", request, {"tokens": [ord(c) for c in text]})
         return result
 
-    def detokenize(self, request: Mapping[str, Any] | list[int], *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def detokenize(
+        self, request: DetokenizeRequest | Mapping[str, Any] | list[int], *, timeout: Timeout | object = ...
+    ) -> DetokenizeResponse:
         """The inverse of :meth:`tokenize`."""
         tokens = request if isinstance(request, list) else list(request.get("tokens", []))
-        result: dict[str, Any] = self._answer("detokenize", request, {"content": "".join(chr(t) for t in tokens)})
+        result: DetokenizeResponse = self._answer("detokenize", request, {"content": "".join(chr(t) for t in tokens)})
         return result
 
-    def health(self, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def health(self, *, timeout: Timeout | object = ...) -> HealthResponse:
         """``{"status": "ok"}`` while running."""
-        result: dict[str, Any] = self._answer("health", None, {"status": "ok"})
+        result: HealthResponse = self._answer("health", None, {"status": "ok"})
         return result
 
-    def models(self, *, timeout: Timeout | object = ...) -> dict[str, Any]:
+    def models(self, *, timeout: Timeout | object = ...) -> ModelsResponse:
         """The configured alias as the one model."""
         alias = self.args.alias or str(self.args.model)
-        result: dict[str, Any] = self._answer(
+        result: ModelsResponse = self._answer(
             "models", None, {"object": "list", "data": [{"id": alias, "object": "model"}]}
         )
         return result

@@ -94,6 +94,23 @@ def test_stream_true_returns_stream(client: LlamaClient) -> None:
 
 
 @responses.activate
+@pytest.mark.parametrize("method, path", [("chat_completions", "/v1/chat/completions"), ("completions", "/v1/completions"),
+                                          ("infill", "/infill")])  # fmt: skip
+def test_stream_keyword_sets_the_request_stream_key(client: LlamaClient, method: str, path: str) -> None:
+    sse = b'data: {"n":1}\n\ndata: [DONE]\n\n'
+    responses.post(BASE + path, body=sse, content_type="text/event-stream")
+    responses.post(BASE + path, json={"answer": 1})
+    call = getattr(client, method)
+    request = {"max_tokens": 2}
+    with call(request, stream=True) as stream:  # a request without "stream" streams
+        assert isinstance(stream, Stream) and list(stream) == [{"n": 1}]
+    assert call({**request, "stream": True}, stream=False) == {"answer": 1}  # the keyword wins
+    sent = [json.loads(c.request.body) for c in responses.calls]
+    assert sent == [{"max_tokens": 2, "stream": True}, {"max_tokens": 2, "stream": False}]
+    assert request == {"max_tokens": 2}  # the caller's request is left as it was
+
+
+@responses.activate
 def test_forward_passes_status_through(client: LlamaClient) -> None:
     responses.post(BASE + "/v1/chat/completions", json={"error": {"message": "bad"}}, status=400)
     resp = client.forward("post", "v1/chat/completions", json={"x": 1})

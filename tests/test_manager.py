@@ -118,7 +118,8 @@ def test_waiting_is_bounded(manager_factory) -> None:  # type: ignore[no-untyped
 
 def test_keep_alive_counts_from_the_end_of_the_stream(manager_factory, recorder: Recorder) -> None:  # type: ignore[no-untyped-def]
     manager = manager_factory(keep_alive=0.5)
-    stream = chat(manager, "a", stream=True, max_tokens=50)
+    request = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    stream = manager.chat_completions(request, stream=True)  # the keyword, where other tests set "stream"
     next(stream)
     pid = manager.server("a").pid
     time.sleep(1.0)  # longer than keep_alive, but the stream is still open

@@ -57,6 +57,10 @@ def test_default_stream_embeddings_tokens() -> None:
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
         text = "".join(c["choices"][0]["text"] for c in fake.completions({"prompt": "x", "stream": True}))
         assert text == "one two three"
+        with fake.chat_completions({"messages": []}, stream=True) as stream:  # the keyword, as on a server
+            assert isinstance(stream, FakeStream) and list(stream)[-1]["choices"][0]["finish_reason"] == "stop"
+        assert fake.calls_to("chat_completions")[-1] == {"messages": [], "stream": True}
+        assert fake.completions({"prompt": "x", "stream": True}, stream=False)["choices"][0]["text"] == fake.reply
         a = fake.embeddings({"input": ["same", "other"]})["data"]
         b = fake.embeddings({"input": "same"})["data"]
         assert a[0]["embedding"] == b[0]["embedding"] != a[1]["embedding"]
