@@ -75,3 +75,18 @@ def test_readme_block_runs(
     print(done.stdout)
     if "stream_options" in code:
         assert done.stdout.rstrip().endswith(" tokens")  # the usage chunk was reached, safely
+
+
+def test_readme_blocks_type_check(tmp_path: Path) -> None:
+    """``mypy --strict`` (the project's settings) finds no error in any block."""
+    files = []
+    for line, code in BLOCKS:
+        path = tmp_path / f"readme_line_{line}.py"
+        path.write_text(code, encoding="utf-8")
+        files.append(str(path))
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--follow-imports=silent",
+         "--cache-dir", str(tmp_path / "cache"), *files],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
