@@ -242,8 +242,12 @@ class LockTimeout(LlamaProcError, TimeoutError):
 
 def display_model_path(path: str | os.PathLike[str]) -> str:
     """A model path for messages: one inside the Hugging Face hub cache is shown relative to
-    ``$HF_HOME`` (``$HF_HOME/hub/models--org--name/...``), any other as it is."""
+    ``$HF_HOME`` (``$HF_HOME/hub/models--org--name/...``), or to ``$HF_HUB_CACHE`` when that is set,
+    any other as it is."""
     text = os.fspath(path)
+    hub_cache = os.environ.get("HF_HUB_CACHE")
+    if hub_cache and text.startswith(os.path.join(hub_cache, "")):
+        return "$HF_HUB_CACHE/" + text[len(os.path.join(hub_cache, "")) :]
     hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
     hub = os.path.join(hf_home, "hub") + os.sep
     if text.startswith(hub):

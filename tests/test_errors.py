@@ -97,6 +97,10 @@ def test_hf_cache_path_shown_from_hf_home(monkeypatch: pytest.MonkeyPatch, tmp_p
         == "Model file does not exist: $HF_HOME/hub/models--org--name/snapshots/abc/m.gguf."
     )
     assert str(ModelNotFound("/elsewhere/m.gguf")) == "Model file does not exist: /elsewhere/m.gguf."
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert str(ModelNotFound(str(tmp_path / "cache" / "models--o--n" / "m.gguf"))) == (
+        "Model file does not exist: $HF_HUB_CACHE/models--o--n/m.gguf."
+    )
 
 
 @pytest.mark.parametrize(
