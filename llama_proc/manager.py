@@ -119,7 +119,8 @@ def stop_all() -> list[int | None]:
     whatever its state: running, restarting, or still starting, in which case the ``start()``
     (or the first call that started it) raises :class:`~llama_proc.errors.StartupAborted`. A
     ``start()`` called after this began is not stopped, and a server made with ``autostart``
-    (:func:`shared_server`'s) starts again on its next call.
+    (:func:`shared_server`'s) starts again on its next call. A start() still downloading its
+    ``hf://`` model finishes the download (into the cache) and then raises ``StartupAborted``.
 
     :returns: their exit codes (None for one stopped before its process existed).
     """

@@ -248,6 +248,8 @@ class LlamaServer(Endpoints):
         self._pending: ServerProcess | None = None  # the process of a start() in progress
         self._start_pid = 0  # the process that runs that start()
         self._abort = threading.Event()
+        self._stops = 0  # stop() calls so far: a start() that downloads its model checks it after
+        self._prefetch_pid = 0  # the process of a start() downloading its model, before the lock
         self._last_exit: int | None = None
         self._supervisor = Supervisor(RestartPolicy() if restart is True else (restart or None), listeners, self._label)
         self._watcher: threading.Thread | None = None
@@ -354,8 +356,7 @@ class LlamaServer(Endpoints):
         """
         _reap_once()
         if isinstance(self._args.model, HubModel):
-            # a download can take long: done before the lock, so stop() and calls are not held up
-            resolve_model(self._args.model)
+            self._prefetch(self._args.model)
         before = self._proc
         try:
             with self._lock:
@@ -370,6 +371,22 @@ class LlamaServer(Endpoints):
             if self._proc is not None and self._proc is not before:
                 self.stop()
             raise
+
+    def _prefetch(self, model: HubModel) -> None:
+        """Download ``model`` into the cache, before the lock: a download can take long, and stop()
+        and calls must not wait for it. stop_all() sees the server meanwhile; a stop() during the
+        download lets it finish (into the cache) but then no server starts."""
+        stops = self._stops
+        self._prefetch_pid = os.getpid()
+        _owned_servers.add(self)
+        try:
+            resolve_model(model)
+        finally:
+            self._prefetch_pid = 0
+            if self._proc is None:
+                _owned_servers.discard(self)
+        if self._stops != stops:
+            raise StartupAborted(f"stop() or stop_all() was called while {model} was downloading", None, [])
 
     def _start_marked(self, keep: LlamaServerArgs | None = None) -> None:
         # with the lock held: start, while calls from other threads see "starting" and stop() can abort
@@ -517,6 +534,7 @@ class LlamaServer(Endpoints):
 
         :returns: the exit code, or None if it was never started.
         """
+        self._stops += 1
         self._supervisor.request_stop()
         if self._starting:
             # a start() is in progress in another thread (which holds the lock): make it give up
@@ -743,7 +761,7 @@ def owned_servers() -> list[LlamaServer]:
     return [
         s
         for s in list(_owned_servers)
-        if (s._proc is not None and s._proc.owned) or (s._starting and s._start_pid == pid)
+        if (s._proc is not None and s._proc.owned) or (s._starting and s._start_pid == pid) or s._prefetch_pid == pid
     ]
 
 

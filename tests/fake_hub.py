@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>
 
 class FakeHub:
     """Serve ``repos`` ({repo id: {file name: local file}}) on 127.0.0.1; ``requests`` records
-    (method, path) of every request. Use as a context manager, or ``start()``/``stop()``."""
+    (method, path) of every request. Use as a context manager, or ``start()``/``stop()``.
+    ``delay``: seconds to wait before sending a file's bytes (a slow download)."""
 
-    def __init__(self, repos: dict[str, dict[str, Path]]) -> None:
+    def __init__(self, repos: dict[str, dict[str, Path]], delay: float = 0.0) -> None:
         self.repos = repos
+        self.delay = delay
         self.requests: list[tuple[str, str]] = []
         self._commits = {repo: hashlib.sha1(repr(sorted(files)).encode()).hexdigest() for repo, files in repos.items()}
         hub = self
@@ -141,4 +144,5 @@ class FakeHub:
             req.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
         req.end_headers()
         if body:
+            time.sleep(self.delay)
             req.wfile.write(content[start:])

@@ -300,3 +300,43 @@ def test_a_spec_neither_on_the_hub_nor_cached_fails_fast(tmp_path: Path, hub: Fa
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("llama_proc.errors.HubModelNotFound: Model hf://org/tiny:F32 not found: the hub cannot be")
     assert "llama-proc pull hf://org/tiny:F32" in last
+
+
+_STOP_ALL = """
+import sys, threading, time
+from llama_proc import LlamaServer, LlamaServerArgs, StartupAborted, stop_all
+server = LlamaServer(LlamaServerArgs(model=sys.argv[1]))
+outcome = []
+def start():
+    try:
+        server.start()
+        outcome.append("started")
+    except StartupAborted as exc:
+        outcome.append("aborted: " + str(exc))
+thread = threading.Thread(target=start)
+thread.start()
+time.sleep(float(sys.argv[2]))           # the download is under way
+stop_all()
+thread.join(60)
+print(outcome[0])
+print(server.pid)
+"""
+
+
+@pytest.mark.integration
+def test_stop_all_during_a_download_starts_no_server(
+    tmp_path: Path, hub_repos: dict[str, dict[str, Path]], llama_exe: Path
+) -> None:
+    with FakeHub(hub_repos, delay=3.0) as slow:
+        done = subprocess.run(
+            [sys.executable, "-c", _STOP_ALL, "hf://org/tiny", "1.5"],
+            env={**_env(tmp_path, slow), "LLAMA_SERVER_PATH": str(llama_exe)},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert slow.downloads() == ["/org/tiny/resolve/main/tiny-F32.gguf"]
+    assert done.returncode == 0, done.stderr
+    outcome, pid = done.stdout.split("\n")[:2]
+    assert outcome.startswith("aborted: ") and "stop_all() was called while hf://org/tiny was downloading" in outcome
+    assert pid == "None"
+    # the download itself finished into the cache: the next start uses it
+    assert (_snapshot_of(tmp_path, "org/tiny") / "tiny-F32.gguf").is_file()
