@@ -303,8 +303,7 @@ def _cmd_models(ns: argparse.Namespace, out: TextIO) -> int:
     out.write(f"{'size':>10}  {'quant':8} {'arch':10} model\n")
     for m in found:
         parts = f" ({m.parts} parts)" if m.parts > 1 else ""
-        at = f" @{m.revision}" if m.revision != "main" else ""
-        out.write(f"{m.size / 1e6:8.1f}MB  {m.quant or '?':8} {m.architecture or '?':10} {m.spec}{at}{parts}\n")
+        out.write(f"{m.size / 1e6:8.1f}MB  {m.quant or '?':8} {m.architecture or '?':10} {m.spec}{parts}\n")
     return 0
 
 

@@ -59,9 +59,9 @@ class HubModel:
     """
 
     repo_id: str
-    filename: str | None = None
-    quant: str | None = None
-    revision: str | None = None
+    filename: Optional[str] = None
+    quant: Optional[str] = None
+    revision: Optional[str] = None
 
     def __attrs_post_init__(self) -> None:
         if not _REPO_RE.match(self.repo_id):
@@ -396,6 +396,13 @@ class LlamaServerArgs:
         argv: list[str] = []
         if self.alias is not None:
             argv += ["--alias", self.alias]
+        if isinstance(self.model, HubModel):
+            raise ConfigError(
+                [
+                    f"model: {self.model} is found or downloaded when the server starts; for an argv, "
+                    "resolve it first: args.evolve(model=llama_proc.models.resolve(args.model))"
+                ]
+            )
         argv += ["--model", str(self.model)]
         if self.embeddings:
             argv.append("--embeddings")

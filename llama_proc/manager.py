@@ -137,6 +137,7 @@ class _Entry:
         self.alias = alias
         self.args = args
         self.server: LlamaServer | None = None
+        self.starting: LlamaServer | None = None  # the server being loaded, until it is ready
         self.loading = False
         self.in_flight = 0
         self.last_used = time.monotonic()
@@ -374,14 +375,26 @@ class ServerManager:
         options = dict(self._options)
         options["listeners"] = [*options.get("listeners", ()), functools.partial(self._relay, entry.alias)]
         server = LlamaServer(self._executable, entry.args, **options)
+        with self._cond:
+            entry.starting = server  # close() stops it too (its start() then raises StartupAborted)
+            closed = self._closed
         try:
+            if closed:
+                raise ServerNotRunning("the manager was closed")
             server.start()
+            with self._cond:
+                closed = self._closed
+            if closed:  # close() came as it became ready
+                server.stop()
+                raise ServerNotRunning("the manager was closed while the model was loading")
         except BaseException:
             with self._cond:
                 entry.loading = False
+                entry.starting = None
                 self._cond.notify_all()
             raise
         with self._cond:
+            entry.starting = None
             entry.server = server
             entry.loading = False
             entry.in_flight += 1
@@ -449,7 +462,10 @@ class ServerManager:
             servers = [(e, e.server) for e in self._entries.values() if e.server is not None]
             for entry, _ in servers:
                 entry.server = None
+            starting = [e.starting for e in self._entries.values() if e.starting is not None]
             self._cond.notify_all()
+        for loading in starting:
+            loading.stop()
         for _, server in servers:
             if server is not None:
                 server.stop()
@@ -504,7 +520,7 @@ class ServerManager:
     @overload
     def chat_completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
-    ) -> ChatCompletion | Stream[ChatCompletionChunk]: ...
+    ) -> Any: ...
 
     def chat_completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
@@ -534,7 +550,7 @@ class ServerManager:
     @overload
     def completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
-    ) -> Completion | Stream[CompletionChunk]: ...
+    ) -> Any: ...
 
     def completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...

@@ -78,29 +78,40 @@ def quant_of(filename: str) -> str | None:
     return found[-1].upper() if found else None
 
 
-def _choose(model: HubModel, names: Sequence[str], where: str) -> str:
-    """The (first) file of ``model`` among a repository's files.
+class _NotInCache(HubModelNotFound):
+    """What the spec names is not in the cache (and the hub was not, or could not be, asked)."""
+
+
+def _matches_quant(name: str, quant: str) -> bool:
+    """Whether the file ``name`` is of quantization ``quant``: by the quantization its name states,
+    or, for a name that states none the pattern knows, by ``quant`` standing as a whole word in it."""
+    stated = quant_of(name)
+    if stated is not None:
+        return stated == quant.upper()
+    base = name.rsplit("/", 1)[-1]
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9])", base, re.IGNORECASE) is not None
+
+
+def _choose(model: HubModel, names: Sequence[str], where: str, from_cache: bool = False) -> str:
+    """The (first) file of ``model`` among a repository's files (``from_cache``: the files in the
+    cache, so a file missing there may still be on the hub).
 
     :raises HubModelNotFound: when none matches. :raises AmbiguousModel: when several do.
     """
     candidates = _candidates(names)
-    if model.quant is not None:
-        matching = [n for n in candidates if (quant_of(n) or "").upper() == model.quant.upper()]
-        if not matching:  # a quant in a form the name pattern does not know: a plain substring match
-            matching = [n for n in candidates if model.quant.lower() in n.rsplit("/", 1)[-1].lower()]
-    else:
-        matching = candidates
+    matching = candidates if model.quant is None else [n for n in candidates if _matches_quant(n, model.quant)]
     if len(matching) == 1:
         return matching[0]
     if matching:
         raise AmbiguousModel(str(model), matching)
+    error = _NotInCache if from_cache else HubModelNotFound
     if not candidates:
-        raise HubModelNotFound(str(model), f"{where} holds no GGUF file")
+        raise error(str(model), f"{where} holds no GGUF file", _hint(model) if from_cache else "")
     quants = sorted({q for q in map(quant_of, candidates) if q})
     hint = f"pick one of {', '.join(quants) if quants else ', '.join(candidates)}"
-    if "cached copy" in where:
+    if from_cache:
         hint += f", or {_hint(model)}"
-    raise HubModelNotFound(str(model), f"{where} has no GGUF file of quantization {model.quant}", hint)
+    raise error(str(model), f"{where} has no GGUF file of quantization {model.quant}", hint)
 
 
 # -- the hub and its cache -----------------------------------------------------------------------
@@ -134,19 +145,19 @@ def _hint(model: HubModel, filename: str | None = None) -> str:
 
 
 def _listing(
-    hub: Any, model: HubModel, token: str | bool | None, cache_dir: Any, offline: bool
-) -> tuple[list[str], str]:
-    """The repository's file names, and where they come from: the hub, else (offline, or the hub
-    unreachable) the cache, with the reason.
+    hub: Any, model: HubModel, token: str | bool | None, cache_dir: Any, offline: str
+) -> tuple[list[str], str, bool]:
+    """The repository's file names, where they come from, and whether that is the cache: the hub,
+    else (``offline`` names why, or the hub is unreachable) the cache.
 
     :raises HubModelNotFound: for a repository or revision the hub does not have, or neither
         the hub nor the cache can tell.
     """
-    reason = "offline (HF_HUB_OFFLINE is set)" if offline else ""
+    reason = offline
     if not offline:
         try:
             info = hub.HfApi(token=token).model_info(model.repo_id, revision=model.revision, timeout=30)
-            return [s.rfilename for s in (info.siblings or [])], model.repo_id
+            return [s.rfilename for s in (info.siblings or [])], model.repo_id, False
         except hub.utils.GatedRepoError:
             raise HubModelNotFound(
                 str(model), f"{model.repo_id} is gated", "accept its terms on the hub and set HF_TOKEN"
@@ -167,11 +178,11 @@ def _listing(
             reason = f"the hub cannot be reached ({type(exc).__name__}: {text})"
     cached = _cached_files(hub, model, cache_dir)
     if cached is None:
-        raise HubModelNotFound(str(model), f"{reason}, and the cache has no copy of it", _hint(model))
-    return [name for name, _ in cached], f"the cached copy of {model.repo_id} ({reason})"
+        raise _NotInCache(str(model), f"{reason}, and the cache has no copy of it", _hint(model))
+    return [name for name, _ in cached], f"the cached copy of {model.repo_id} ({reason})", True
 
 
-def _download(hub: Any, model: HubModel, filename: str, token: Any, cache_dir: Any, local_only: bool) -> Path:
+def _download(hub: Any, model: HubModel, filename: str, token: Any, cache_dir: Any, offline: str) -> Path:
     try:
         return Path(
             hub.hf_hub_download(
@@ -180,12 +191,12 @@ def _download(hub: Any, model: HubModel, filename: str, token: Any, cache_dir: A
                 revision=model.revision,
                 token=token,
                 cache_dir=cache_dir,
-                local_files_only=local_only,
+                local_files_only=bool(offline),
             )
         )
     except hub.utils.LocalEntryNotFoundError:
-        reason = "offline" if local_only or hub.constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        raise HubModelNotFound(
+        reason = offline or "the hub cannot be reached"
+        raise _NotInCache(
             str(model), f"{reason}, and the cache has no copy of {filename}", _hint(model, filename)
         ) from None
     except hub.utils.EntryNotFoundError:
@@ -207,10 +218,8 @@ def _download(hub: Any, model: HubModel, filename: str, token: Any, cache_dir: A
 def _as_model(repo_id: str | HubModel, filename: str | None, quant: str | None, revision: str | None) -> HubModel:
     if isinstance(repo_id, HubModel):
         model = repo_id
-    elif repo_id.startswith("hf://"):
-        model = HubModel.parse(repo_id)
-    else:
-        model = HubModel(repo_id)
+    else:  # "org/repo", or a spec with or without its hf:// ("org/repo:Q4_K_M", as llama.cpp's -hf takes)
+        model = HubModel.parse(repo_id if repo_id.startswith("hf://") else "hf://" + repo_id)
     return HubModel(model.repo_id, filename or model.filename, quant or model.quant, revision or model.revision)
 
 
@@ -240,29 +249,47 @@ def pull(
     :raises ValueError: for a malformed repository name or spec.
     :raises ImportError: without ``huggingface_hub`` (``pip install 'llama-proc[hf]'``).
     """
-    model = _as_model(repo_id, filename, quant, revision)
+    try:
+        return _pull(_as_model(repo_id, filename, quant, revision), token, cache_dir, local_files_only)
+    except _NotInCache as exc:  # to the caller, one more HubModelNotFound
+        raise HubModelNotFound(exc.path, exc.reason, exc.hint) from None
+
+
+def _pull(model: HubModel, token: str | bool | None, cache_dir: str | Path | None, local_files_only: bool) -> Path:
     hub = _hub()
-    offline = local_files_only or bool(hub.constants.HF_HUB_OFFLINE)
+    offline = (
+        "looked up in the cache only"
+        if local_files_only
+        else "offline (HF_HUB_OFFLINE is set)"
+        if hub.constants.HF_HUB_OFFLINE
+        else ""
+    )
     first = model.filename
     if first is None:
-        names, where = _listing(hub, model, token, cache_dir, offline)
-        first = _choose(model, names, where + (f" at {model.revision}" if model.revision else ""))
+        names, where, from_cache = _listing(hub, model, token, cache_dir, offline)
+        first = _choose(model, names, where + (f" at {model.revision}" if model.revision else ""), from_cache)
     paths = [_download(hub, model, name, token, cache_dir, offline) for name in _parts(first)]
     return paths[0]
 
 
-def resolve(model: HubModel, *, cache_dir: str | Path | None = None) -> Path:
-    """The local path of ``model``: from the cache when it is there (no network), else pulled.
+def resolve(model: HubModel, *, cache_dir: str | Path | None = None, local_files_only: bool = False) -> Path:
+    """The local path of ``model``, as a server start needs it.
 
-    What a server start uses: a cached model starts offline and without a round trip to the hub;
-    ``pull()`` is the way to look for a newer revision.
+    A spec that names its file, or a quantization found in the cache, is taken from the cache when
+    it is there: it starts without the network, and ``pull()`` is the way to look for a newer
+    revision. A spec that names only the repository asks the hub which GGUF models it holds (so a
+    second one is an :class:`~llama_proc.errors.AmbiguousModel` whatever the cache holds), and
+    falls back to the cache when the hub cannot be reached. What is not cached is downloaded.
+
+    :param local_files_only: never ask the hub (a restart uses this).
     """
-    try:
-        return pull(model, cache_dir=cache_dir, local_files_only=True)
-    except HubModelNotFound as exc:
-        if "the cache has no copy" not in exc.reason:
-            raise
-    return pull(model, cache_dir=cache_dir)
+    if model.filename is not None or model.quant is not None:
+        try:
+            return _pull(model, None, cache_dir, True)
+        except _NotInCache:
+            if local_files_only:
+                raise
+    return pull(model, cache_dir=cache_dir, local_files_only=local_files_only)
 
 
 # -- what is in the cache --------------------------------------------------------------------------
@@ -314,7 +341,7 @@ class CachedModel(NamedTuple):
 
     repo_id: str
     filename: str
-    revision: str
+    revision: str  #: ``main``, else another branch or tag that points at it, else the commit
     path: Path
     size: int
     parts: int
@@ -323,8 +350,8 @@ class CachedModel(NamedTuple):
 
     @property
     def spec(self) -> str:
-        """The ``hf://`` spec that names it."""
-        return f"hf://{self.repo_id}/{self.filename}"
+        """The ``hf://`` spec that names it (with its revision when that is not ``main``)."""
+        return str(HubModel(self.repo_id, self.filename, revision=None if self.revision == "main" else self.revision))
 
 
 def cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
@@ -349,11 +376,12 @@ def cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
                     arch, quant = gguf_info(first)
                 except Exception:  # a damaged or foreign file is listed, not fatal to the listing
                     arch, quant = None, quant_of(name)
+                refs = sorted(revision.refs)
                 out.append(
                     CachedModel(
                         repo.repo_id,
                         name,
-                        ",".join(sorted(revision.refs)) or revision.commit_hash[:12],
+                        "main" if "main" in refs else refs[0] if refs else revision.commit_hash,
                         Path(first),
                         sum(p.size_on_disk for p in parts),
                         len(parts),

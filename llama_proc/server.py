@@ -107,7 +107,7 @@ class Server(Protocol):
     @overload
     def chat_completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
-    ) -> ChatCompletion | ChunkStream[ChatCompletionChunk]: ...
+    ) -> Any: ...
 
     def chat_completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
@@ -134,7 +134,7 @@ class Server(Protocol):
     @overload
     def completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
-    ) -> Completion | ChunkStream[CompletionChunk]: ...
+    ) -> Any: ...
 
     def completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
@@ -250,6 +250,7 @@ class LlamaServer(Endpoints):
         self._abort = threading.Event()
         self._stops = 0  # stop() calls so far: a start() that downloads its model checks it after
         self._prefetch_pid = 0  # the process of a start() downloading its model, before the lock
+        self._model_path: tuple[HubModel, Path] | None = None  # an hf:// model's resolved file
         self._last_exit: int | None = None
         self._supervisor = Supervisor(RestartPolicy() if restart is True else (restart or None), listeners, self._label)
         self._watcher: threading.Thread | None = None
@@ -323,6 +324,8 @@ class LlamaServer(Endpoints):
         """Start the server unless it runs already (safe to call from many threads at once)."""
         if self._client is not None and self.is_running():
             return self
+        if isinstance(self._args.model, HubModel):
+            self._prefetch(self._args.model)  # a download: before the lock, which stop() needs
         with self._lock:
             if self._client is None or not self.is_running():
                 self.start()
@@ -355,7 +358,7 @@ class LlamaServer(Endpoints):
         :raises StartupTimeout: when it stays silent for ``startup_timeout`` seconds without becoming ready.
         """
         _reap_once()
-        if isinstance(self._args.model, HubModel):
+        if isinstance(self._args.model, HubModel) and not (self._proc is not None and self._proc.is_running()):
             self._prefetch(self._args.model)
         before = self._proc
         try:
@@ -376,11 +379,14 @@ class LlamaServer(Endpoints):
         """Download ``model`` into the cache, before the lock: a download can take long, and stop()
         and calls must not wait for it. stop_all() sees the server meanwhile; a stop() during the
         download lets it finish (into the cache) but then no server starts."""
+        known = self._model_path
+        if known is not None and known[0] == model and known[1].is_file():
+            return  # found by ensure_started() just before, or by an earlier start
         stops = self._stops
         self._prefetch_pid = os.getpid()
         _owned_servers.add(self)
         try:
-            resolve_model(model)
+            self._model_path = (model, resolve_model(model))
         finally:
             self._prefetch_pid = 0
             if self._proc is None:
@@ -409,8 +415,12 @@ class LlamaServer(Endpoints):
         given ``base_url`` and ``api_key`` (attached workers) reach it again."""
         source = self._args
         if isinstance(source.model, HubModel):
-            # from the cache, without the network; named as the spec (as llama-server's -hf does)
-            source = source.evolve(model=resolve_model(source.model), alias=source.alias or source.model.ref)
+            # the file found before the lock (a restart reuses it; never a download under the lock),
+            # named as the spec unless an alias is set, as llama-server's -hf does
+            known = self._model_path
+            path = known[1] if known is not None and known[0] == source.model else None
+            path = path or resolve_model(source.model, local_files_only=True)
+            source = source.evolve(model=path, alias=source.alias or source.model.ref)
         model = source.model
         assert isinstance(model, Path)
         if not model.is_file():

@@ -26,7 +26,7 @@ import attrs
 import pytest
 
 from .client import Timeout
-from .config import LlamaServerArgs
+from .config import HubModel, LlamaServerArgs
 from .errors import ExecutableNotFound, LlamaProcError, ServerAlreadyRunning, ServerNotRunning
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ class FakeServer:
     @overload
     def chat_completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
-    ) -> ChatCompletion | FakeStream[ChatCompletionChunk]: ...
+    ) -> Any: ...
 
     def chat_completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
@@ -274,7 +274,7 @@ class FakeServer:
     @overload
     def completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
-    ) -> Completion | FakeStream[CompletionChunk]: ...
+    ) -> Any: ...
 
     def completions(
         self, request: Mapping[str, Any], *, stream: bool | None = None, timeout: Timeout | object = ...
@@ -327,7 +327,8 @@ class FakeServer:
 
     def models(self, *, timeout: Timeout | object = ...) -> ModelsResponse:
         """The configured alias as the one model."""
-        alias = self.args.alias or str(self.args.model)
+        model = self.args.model
+        alias = self.args.alias or (model.ref if isinstance(model, HubModel) else str(model))
         result: ModelsResponse = self._answer(
             "models", None, {"object": "list", "data": [{"id": alias, "object": "model"}]}
         )

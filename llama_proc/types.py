@@ -25,8 +25,8 @@ key and decides the return type. Without it, the type of the request decides:
   that fits it, returns a :class:`ChatCompletion`;
 * :class:`ChatCompletionStreamRequest` (``"stream": True`` required), or a dict literal with
   ``"stream": True`` that fits it, returns a ``Stream[ChatCompletionChunk]``;
-* any other mapping (``dict[str, Any]``) returns ``ChatCompletion | Stream[ChatCompletionChunk]``,
-  since only its contents at run time say which: pass ``stream=`` to get the precise type.
+* any other mapping (``dict[str, Any]``) returns ``Any``, as before these types existed, since only
+  its contents at run time say which: pass ``stream=`` to get the precise type.
 
 The same holds for :meth:`~llama_proc.client.Endpoints.completions` and
 :meth:`~llama_proc.client.Endpoints.infill` with their request types.

@@ -95,6 +95,20 @@ def test_several_candidates_are_listed() -> None:
     assert "model-Q4_K_M.gguf, model-Q8_0.gguf" in str(info.value) and isinstance(info.value, ModelNotFound)
 
 
+def test_a_quant_matches_only_itself() -> None:
+    with pytest.raises(HubModelNotFound, match="pick one of BF16, Q8_0"):
+        _choose(HubModel("o/r", quant="F16"), ["m-BF16.gguf", "m-Q8_0.gguf"], "o/r")
+    with pytest.raises(HubModelNotFound, match="pick one of Q4_0_4_4"):
+        _choose(HubModel("o/r", quant="Q4_0"), ["m-Q4_0_4_4.gguf"], "o/r")
+    # a quantization the name pattern does not know matches as a whole word only
+    assert _choose(HubModel("o/r", quant="ternary"), ["m-ternary.gguf", "m-ternaryx.gguf"], "o/r") == "m-ternary.gguf"
+
+
+def test_an_argv_needs_the_spec_resolved_first() -> None:
+    with pytest.raises(ConfigError, match=r"model: hf://org/repo:Q8_0 is found or downloaded when the server starts"):
+        LlamaServerArgs(model="hf://org/repo:Q8_0").to_args()
+
+
 def test_a_missing_quant_lists_those_there_are() -> None:
     with pytest.raises(HubModelNotFound, match="no GGUF file of quantization Q2_K.*pick one of F16, Q4_K_M, Q8_0"):
         _choose(HubModel("o/r", quant="Q2_K"), _REPO, "o/r")
@@ -181,6 +195,9 @@ def test_pull_downloads_into_the_hub_cache(tmp_path: Path, hub: FakeHub, tiny_mo
     picked = _cli(env, "pull", "org/multi", "--quant", "q8_0")
     assert picked.returncode == 0, picked.stderr
     assert Path(picked.stdout.strip()).name == "m-Q8_0.gguf"
+    as_llama_cpp_names_it = _cli(env, "pull", "org/multi:F32")  # the form of llama.cpp's -hf
+    assert as_llama_cpp_names_it.returncode == 0, as_llama_cpp_names_it.stderr
+    assert Path(as_llama_cpp_names_it.stdout.strip()).name == "m-F32.gguf"
 
 
 def test_pull_of_a_split_model_downloads_every_part(tmp_path: Path, hub: FakeHub) -> None:
@@ -222,6 +239,36 @@ def test_offline_pull_comes_from_the_cache(tmp_path: Path, hub: FakeHub) -> None
     assert missing.returncode == 2
     assert "HF_HUB_OFFLINE" in missing.stderr and "llama-proc pull hf://org/tiny" in missing.stderr
     assert len(hub.requests) == seen
+
+
+_RESOLVE = """
+import sys
+from llama_proc import LlamaProcError
+from llama_proc.models import HubModel, resolve
+try:
+    print(resolve(HubModel.parse(sys.argv[1])).name)
+except LlamaProcError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def _resolve(env: dict[str, str], spec: str) -> str:
+    done = subprocess.run([sys.executable, "-c", _RESOLVE, spec], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_resolve_takes_from_the_cache_only_what_the_spec_names(tmp_path: Path, hub: FakeHub) -> None:
+    env = _env(tmp_path, hub)
+    assert _resolve(env, "hf://org/multi:Q8_0") == "m-Q8_0.gguf"  # downloaded
+    seen = len(hub.requests)
+    assert _resolve(env, "hf://org/multi:Q8_0") == "m-Q8_0.gguf"  # from the cache
+    assert len(hub.requests) == seen
+    # another quantization of a cached repository is downloaded, not refused
+    assert _resolve(env, "hf://org/multi:F32") == "m-F32.gguf"
+    assert ("HEAD", "/org/multi/resolve/main/m-F32.gguf") in hub.requests[seen:]  # (same bytes: one blob)
+    # the repository alone asks the hub, which has two models: ambiguous, whatever the cache holds
+    assert _resolve(env, "hf://org/multi").startswith("AmbiguousModel Model hf://org/multi matches several")
 
 
 def test_models_lists_the_cached_ggufs(tmp_path: Path, hub: FakeHub, tiny_model: Path) -> None:
@@ -315,7 +362,10 @@ def start():
         outcome.append("aborted: " + str(exc))
 thread = threading.Thread(target=start)
 thread.start()
-time.sleep(float(sys.argv[2]))           # the download is under way
+from llama_proc.server import owned_servers
+while server not in owned_servers():     # the download is under way (the hub answers slowly)
+    time.sleep(0.01)
+time.sleep(float(sys.argv[2]))
 stop_all()
 thread.join(60)
 print(outcome[0])
@@ -340,3 +390,55 @@ def test_stop_all_during_a_download_starts_no_server(
     assert pid == "None"
     # the download itself finished into the cache: the next start uses it
     assert (_snapshot_of(tmp_path, "org/tiny") / "tiny-F32.gguf").is_file()
+
+
+_STOP_LOADING = """
+import sys, threading, time
+from llama_proc import LlamaServer, LlamaServerArgs, ServerManager, StartupAborted
+from llama_proc.server import owned_servers
+
+def call(fn, outcome):
+    try:
+        fn()
+        outcome.append("served")
+    except StartupAborted:
+        outcome.append("aborted")
+
+def scenario(name, target, stop):
+    outcome = []
+    thread = threading.Thread(target=call, args=(target, outcome))
+    thread.start()
+    while not owned_servers():           # the download is under way (the hub answers slowly)
+        time.sleep(0.01)
+    started = time.monotonic()
+    stop()
+    took = time.monotonic() - started
+    thread.join(60)
+    print(name, outcome[0], "%.1f" % took, len(owned_servers()))
+
+request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+auto = LlamaServer(LlamaServerArgs(model=sys.argv[1]), autostart=True)
+scenario("autostart", lambda: auto.chat_completions(request), auto.stop)
+manager = ServerManager()
+manager.register("tiny", {"model": sys.argv[2]})
+scenario("manager", lambda: manager.chat_completions({**request, "model": "tiny"}), manager.close)
+"""
+
+
+@pytest.mark.integration
+def test_stopping_while_a_model_downloads_does_not_wait_and_leaves_no_server(
+    tmp_path: Path, hub_repos: dict[str, dict[str, Path]], llama_exe: Path
+) -> None:
+    with FakeHub(hub_repos, delay=3.0) as slow:
+        done = subprocess.run(
+            [sys.executable, "-c", _STOP_LOADING, "hf://org/tiny", "hf://org/split"],
+            env={**_env(tmp_path, slow), "LLAMA_SERVER_PATH": str(llama_exe)},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line.split() for line in done.stdout.splitlines()]
+    assert [(name, outcome, servers) for name, outcome, _, servers in lines] == [
+        ("autostart", "aborted", "0"),
+        ("manager", "aborted", "0"),
+    ]
+    assert all(float(took) < 1.0 for _, _, took, _ in lines), lines  # stop() did not wait for the download

@@ -22,5 +22,5 @@ def mistakes(server: LlamaServer, untyped: dict[str, Any]) -> None:
         print(stream)
     streamed: ChatCompletionRequest = {"messages": [], "stream": True}  # error: typeddict-item
     print(streamed)
-    either = server.chat_completions(untyped)
-    print(either["choices"])  # error: index
+    typed = server.chat_completions(untyped, stream=False)  # stream= says which, even for a plain dict
+    print(typed["choices"][0]["delta"])  # error: typeddict-item

@@ -6,7 +6,7 @@ Only type-checked by tests/test_typing.py (it would run, given a model and a lla
 from __future__ import annotations
 
 import sys
-from typing import Any, Union
+from typing import Any
 
 from llama_proc import LlamaServer, LlamaServerArgs, RemoteServer, Server, ServerManager, Stream
 from llama_proc.testing import FakeServer, FakeStream
@@ -56,12 +56,9 @@ def stream_forms(server: LlamaServer, untyped: dict[str, Any]) -> None:
     assert_type(literal, Stream[ChatCompletionChunk])
     streamed: ChatCompletionStreamRequest = {**REQUEST, "stream": True, "stream_options": {"include_usage": True}}
     assert_type(server.chat_completions(streamed), Stream[ChatCompletionChunk])
-    either = server.chat_completions(untyped)  # only its contents at run time say which
-    assert_type(either, Union[ChatCompletion, Stream[ChatCompletionChunk]])
-    if isinstance(either, Stream):
-        either.close()
-    else:
-        assert_type(either["usage"]["total_tokens"], int)
+    either = server.chat_completions(untyped)  # only its contents at run time say which: Any, as before
+    assert_type(either, Any)
+    print(either["choices"][0]["message"]["content"])  # existing untyped code keeps type-checking
     assert_type(server.chat_completions(untyped, stream=True), Stream[ChatCompletionChunk])
 
 
