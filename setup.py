@@ -13,6 +13,7 @@ C++ runtimes. Wheels for an index would need auditwheel and a manylinux build im
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +35,10 @@ class BuildPyWithServer(build_py):
     """``build_py`` that also places the llama-server binary into the built package."""
 
     def run(self) -> None:
+        if not getattr(self, "editable_mode", False):
+            # build/lib outlives a build: a binary an earlier build placed there must not be
+            # taken for one from the source tree (build_py copies those in again just below)
+            shutil.rmtree(Path(self.build_lib) / "llama_proc" / "bin", ignore_errors=True)
         super().run()
         if getattr(self, "editable_mode", False):
             return  # an editable install finds binaries at run time

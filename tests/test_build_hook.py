@@ -280,6 +280,20 @@ def test_skip_flag_builds_a_pure_wheel_and_warns(project: Path, tmp_path: Path) 
     assert not [n for n in names_in(wheel) if "/bin/" in n]
 
 
+def test_a_second_build_in_the_same_tree_does_not_reuse_the_first_ones_binary(project: Path, tmp_path: Path) -> None:
+    given = tmp_path / "given" / "llama-server"
+    given.parent.mkdir()
+    given.write_text("#!/bin/sh\necho given\n")
+    given.chmod(0o755)
+    first, wheel = build_wheel(project, tmp_path / "one", LLAMA_SERVER_PATH=str(given))
+    assert first.returncode == 0 and wheel is not None and not wheel.name.endswith("-any.whl"), first.stderr[-3000:]
+    assert (project / "build" / "lib" / "llama_proc" / "bin").is_dir()  # what pip leaves behind
+    second, wheel = build_wheel(project, tmp_path / "two", LLAMA_PROC_SKIP_DOWNLOAD="1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert wheel is not None and wheel.name.endswith("-py3-none-any.whl")
+    assert not [n for n in names_in(wheel) if "/bin/" in n]
+
+
 def test_offline_build_succeeds_fast_with_one_warning(project: Path, tmp_path: Path) -> None:
     done, wheel = build_wheel(project, tmp_path / "out", LLAMA_PROC_RELEASES_URL="http://127.0.0.1:9")
     assert done.returncode == 0, done.stderr[-3000:]
