@@ -122,6 +122,14 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                 name, action=argparse.BooleanOptionalAction, default=None,
                 help=f"turn {flag} on or off (default: llama-server's)",
             )  # fmt: skip
+        elif field.name == "port":
+            parser.add_argument(name, default=None, help="the port to listen on (default: a free one)")
+        elif field.name == "api_key":
+            parser.add_argument(
+                name, default=None,
+                help="the key clients must send; 'auto' generates one and prints it "
+                "(LLAMA_PROC_API_KEY keeps it out of the process list)",
+            )  # fmt: skip
         else:
             parser.add_argument(
                 name, default=None, help=f"passed as {field.metadata['flag']} (default: llama-server's)"
@@ -135,6 +143,9 @@ def _server_args_from(ns: argparse.Namespace) -> LlamaServerArgs:
         if value is None or value == []:
             continue
         data[field.name] = value
+    key = os.environ.get("LLAMA_PROC_API_KEY")
+    if "api_key" not in data and key:
+        data["api_key"] = key  # from the environment: not in the process list as --api-key is
     return LlamaServerArgs.from_dict(data)
 
 
@@ -374,6 +385,8 @@ def _cmd_serve(ns: argparse.Namespace, out: TextIO) -> int:
     try:
         server.start()
         out.write(f"llama-server pid {server.pid} ready at {server.base_url} (Ctrl-C stops it)\n")
+        if args.api_key == "auto":
+            out.write(f"API key: {server.api_key}\n")
         out.flush()
         while not stop.is_set():
             if not server.is_running():
@@ -459,6 +472,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     )
     server_output = logging.getLogger("llama_proc.server")
     previous_level = server_output.level
+    # huggingface_hub prints its warnings with a handler of its own: not a second time through ours
+    logging.getLogger("huggingface_hub").propagate = False
     if not ns.verbose_log:
         # llama-server's own warnings (slot notes, CORS) are noise on a terminal; its errors still show
         server_output.setLevel(logging.ERROR)

@@ -47,7 +47,9 @@ class FlagDialect:
 
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SPEC_RE = re.compile(r"^hf://(?P<repo>[^/@:]+/[^/@:]+)(?:@(?P<rev>[^/:]+))?(?:/(?P<file>.+)|:(?P<quant>[^/:]+))?$")
+_SPEC_RE = re.compile(
+    r"^hf://(?P<repo>[^/@:]+/[^/@:]+)(?:@(?P<rev>[^/:@]+))?(?:/(?P<file>[^@]+)|:(?P<quant>[^/:@]+))?$"
+)
 
 
 @attrs.frozen
@@ -114,12 +116,17 @@ def _to_path(value: Any) -> Any:
 def _to_model(value: Any) -> Any:
     """A path, or an ``hf://`` spec as a :class:`~llama_proc.models.HubModel` (a malformed spec stays
     a string, for the validator to report)."""
-    if isinstance(value, str) and value.strip().startswith("hf://"):
+    if isinstance(value, str) and _looks_like_spec(value):
         try:
             return HubModel.parse(value)
         except ValueError:
             return value
     return _to_path(value)
+
+
+def _looks_like_spec(value: str) -> bool:
+    """``hf://...``, and its misspellings (``HF://``, ``hf:/``), which are reported, not taken as paths."""
+    return value.strip().lower().startswith("hf:")
 
 
 def _to_optional_path(value: Any) -> Any:
@@ -166,7 +173,7 @@ def _report(inst: object, problem: str) -> None:
 def _model_path(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, HubModel):
         return
-    if isinstance(value, str) and value.strip().startswith("hf://"):
+    if isinstance(value, str) and _looks_like_spec(value):
         try:
             HubModel.parse(value)
         except ValueError as exc:
@@ -514,7 +521,7 @@ class LlamaServerArgs:
             if key in env:
                 data[field.name] = text_value(field.name, env[key], key)
         if "model" not in data:
-            raise ConfigError([f"{prefix}MODEL: required (the path of the .gguf model)"])
+            raise ConfigError([f"{prefix}MODEL: required (the path of the .gguf model, or hf://org/repo:QUANT)"])
         try:
             return cls.from_dict(data)
         except ConfigError as exc:  # "n_ctx: ..." -> "{prefix}N_CTX: ..."
@@ -598,7 +605,7 @@ def _structure_path(value: Any, _type: Any) -> Path:
 def _structure_model(value: Any, _type: Any) -> Path | HubModel:
     if isinstance(value, HubModel):
         return value
-    if isinstance(value, str) and value.strip().startswith("hf://"):
+    if isinstance(value, str) and _looks_like_spec(value):
         return HubModel.parse(value)  # its ValueError says "expected hf://org/repo, ..."
     if isinstance(value, (str, Path)):
         return Path(value)

@@ -305,14 +305,17 @@ class AmbiguousModel(ModelNotFound):
 
     code = "server_error-ambiguous_model"
 
-    def __init__(self, spec: str, candidates: Sequence[str]) -> None:
+    def __init__(self, spec: str, candidates: Sequence[str], example: str = "") -> None:
         self.path = spec
         self.candidates = list(candidates)
-        text = _("Model {0} matches several GGUF files: {1}. Name one: hf://org/repo/FILE.gguf or hf://org/repo:QUANT.")
-        LlamaProcError.__init__(self, text.format(spec, ", ".join(self.candidates)))
+        self.example = example
+        text = _("Model {0} matches several GGUF files: {1}.").format(spec, ", ".join(self.candidates))
+        if example:
+            text += " " + _("Name one, as {0}.").format(example)
+        LlamaProcError.__init__(self, text)
 
     def _kwargs(self) -> dict[str, Any]:
-        return {"spec": self.path, "candidates": self.candidates}
+        return {"spec": self.path, "candidates": self.candidates, "example": self.example}
 
 
 class StartupError(LlamaProcError):

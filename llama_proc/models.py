@@ -103,7 +103,11 @@ def _choose(model: HubModel, names: Sequence[str], where: str, from_cache: bool 
     if len(matching) == 1:
         return matching[0]
     if matching:
-        raise AmbiguousModel(str(model), matching)
+        example = str(HubModel(model.repo_id, matching[0], revision=model.revision))
+        stated = [quant_of(n) for n in matching]
+        if model.quant is None and None not in stated and len(set(stated)) == len(stated):
+            example += f" or {HubModel(model.repo_id, quant=stated[0], revision=model.revision)}"
+        raise AmbiguousModel(str(model), matching, example)
     error = _NotInCache if from_cache else HubModelNotFound
     if not candidates:
         raise error(str(model), f"{where} holds no GGUF file", _hint(model) if from_cache else "")
@@ -141,6 +145,8 @@ def _is_bug(exc: BaseException) -> bool:
 
 def _hint(model: HubModel, filename: str | None = None) -> str:
     spec = HubModel(model.repo_id, filename or model.filename, None if filename else model.quant, model.revision)
+    if _hub().constants.HF_HUB_OFFLINE:
+        return f"run `llama-proc pull {spec}` with HF_HUB_OFFLINE unset, where the hub can be reached"
     return f"run `llama-proc pull {spec}` where the hub can be reached"
 
 

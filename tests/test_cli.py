@@ -73,6 +73,34 @@ def test_serve_until_ctrl_c(llama_exe: Path, tiny_model: Path) -> None:
 
 
 @pytest.mark.integration
+def test_serve_prints_a_generated_key_and_takes_one_from_the_environment(llama_exe: Path, tiny_model: Path) -> None:
+    import requests
+
+    for extra, env in ((["--api-key", "auto"], {}), ([], {"LLAMA_PROC_API_KEY": "from-env"})):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_proc", "serve", "--executable", str(llama_exe), "--model", str(tiny_model),
+             "--n-ctx", "256", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            env={**os.environ, **env},
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            match = re.search(r"ready at (http://\S+)", proc.stdout.readline())
+            assert match
+            key = proc.stdout.readline().removeprefix("API key: ").strip() if extra else "from-env"
+            assert len(key) >= 8
+            assert requests.get(match[1] + "/v1/models", timeout=5).status_code == 401
+            headers = {"Authorization": f"Bearer {key}"}
+            assert requests.get(match[1] + "/v1/models", headers=headers, timeout=5).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.integration
 def test_demo(llama_exe: Path, tiny_model: Path) -> None:
     done = run_cli("demo", timeout=300)
     assert done.returncode == 0, done.stderr

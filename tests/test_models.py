@@ -49,6 +49,9 @@ def test_spec_forms(spec: str, fields: tuple[Any, ...], name: str) -> None:
         ("hf://org/repo/model.bin", "expected a .gguf file"),
         ("hf://org/repo:", "expected hf://org/repo"),
         ("hf://-org/repo", "expected a repository as org/name"),
+        ("HF://org/repo", "expected hf://org/repo"),  # misspelt specs are reported, not taken as paths
+        ("hf:/org/repo", "expected hf://org/repo"),
+        ("hf://org/repo@v1@v2", "expected hf://org/repo"),
     ],
 )
 def test_bad_specs_are_config_errors(spec: str, says: str) -> None:
@@ -215,7 +218,7 @@ def test_pull_errors_say_what_is_missing(tmp_path: Path, hub: FakeHub) -> None:
     assert several.returncode == 2
     assert several.stderr.strip() == (
         "llama-proc: error [server_error-ambiguous_model]: Model hf://org/multi matches several GGUF files: "
-        "m-F32.gguf, m-Q8_0.gguf. Name one: hf://org/repo/FILE.gguf or hf://org/repo:QUANT."
+        "m-F32.gguf, m-Q8_0.gguf. Name one, as hf://org/multi/m-F32.gguf or hf://org/multi:F32."
     )
     no_repo = _cli(env, "pull", "org/nope")
     assert no_repo.returncode == 2
@@ -237,7 +240,8 @@ def test_offline_pull_comes_from_the_cache(tmp_path: Path, hub: FakeHub) -> None
     assert Path(offline.stdout.strip()).name == "m-Q8_0.gguf"
     missing = _cli({**env, "HF_HUB_OFFLINE": "1"}, "pull", "org/tiny")
     assert missing.returncode == 2
-    assert "HF_HUB_OFFLINE" in missing.stderr and "llama-proc pull hf://org/tiny" in missing.stderr
+    assert "HF_HUB_OFFLINE" in missing.stderr
+    assert "run `llama-proc pull hf://org/tiny` with HF_HUB_OFFLINE unset" in missing.stderr
     assert len(hub.requests) == seen
 
 
