@@ -399,6 +399,29 @@ class ServerNotRunning(LlamaProcError):
         return {"reason": self.reason}
 
 
+class RpcWorkerError(LlamaProcError):
+    """An ``rpc-server`` worker cannot be used; ``address`` names it (``host:port``) and
+    ``reason`` says why (503)."""
+
+    code = "server_error-rpc_worker_error"
+    http_status = 503
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(_("RPC worker {0}: {1}.").format(address, reason))
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"address": self.address, "reason": self.reason}
+
+
+class RpcWorkerUnreachable(RpcWorkerError):
+    """A worker did not accept a connection within the connect timeout (at start, or when a call
+    failed and the cluster checked its workers)."""
+
+    code = "server_error-rpc_worker_unreachable"
+
+
 class ServerAlreadyRunning(LlamaProcError):
     """``start()`` was called on a server that is already running."""
 

@@ -177,6 +177,7 @@ class _Activity:
         self.batched = False  # set once the server is up: see ServerProcess.batch_output
         self.hurry = threading.Event()  # set when the process is being stopped: no more batching
         self.expected: tuple[str, ...] = ()  # warnings that are normal here: logged at INFO
+        self.logger = _server_log  # where the lines go
 
 
 #: Bytes read from a pipe at once; a read that fills it means more is waiting.
@@ -211,6 +212,7 @@ def _decode(raw: bytes) -> str:
 
 def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None:
     extra = {"llama_pid": pid, "llama_stream": source}
+    logger = activity.logger
     event = activity.event
     lines = activity.lines
     keep = lines.maxlen or 0
@@ -221,8 +223,8 @@ def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None
         level, message = parse_log_line(_decode(raw))
         if level == logging.WARNING and activity.expected and any(text in message for text in activity.expected):
             level = logging.INFO
-        if _server_log.isEnabledFor(level):
-            _server_log.log(level, "%s", message, extra=extra)
+        if logger.isEnabledFor(level):
+            logger.log(level, "%s", message, extra=extra)
 
     try:
         while True:
@@ -238,7 +240,7 @@ def _pump(stream: IO[bytes], activity: _Activity, pid: int, source: str) -> None
                     pending = b""
                 continue
             batch, pending = pending + data[:end], data[end + 1 :]
-            if _server_log.isEnabledFor(logging.INFO):
+            if logger.isEnabledFor(logging.INFO):
                 for raw in batch.split(b"\n"):
                     log(raw)
             else:  # the usual case: only warnings and errors are logged
@@ -376,6 +378,7 @@ class ServerProcess:
     :param env: the environment (default: inherit).
     :param log_lines: how many recent output lines :meth:`log_tail` keeps.
     :param stop_timeout: seconds between SIGTERM and SIGKILL when the finalizer stops it.
+    :param logger: where the output lines go (default: ``llama_proc.server``).
     """
 
     def __init__(
@@ -388,6 +391,7 @@ class ServerProcess:
         stop_timeout: float = 10.0,
         pass_fds: Sequence[int] = (),
         expected_warnings: Sequence[str] = (),
+        logger: logging.Logger | None = None,
     ) -> None:
         self.argv = list(argv)
         self._pass_fds = tuple(pass_fds)
@@ -395,6 +399,8 @@ class ServerProcess:
         self._cwd = cwd
         self._activity = _Activity(log_lines)
         self._activity.expected = tuple(expected_warnings)
+        if logger is not None:
+            self._activity.logger = logger
         self._stop_timeout = stop_timeout
         self._popen: subprocess.Popen[bytes] | None = None
         self._pumps: list[threading.Thread] = []

@@ -1,0 +1,533 @@
+"""llama.cpp's RPC backend: ``rpc-server`` workers, and a llama-server that spreads a model over them.
+
+* :class:`RpcWorker` runs one ``rpc-server`` with the care :class:`~llama_proc.server.LlamaServer`
+  takes of llama-server (its own process group, output pumped into the ``llama_proc.rpc`` logger,
+  a finalizer and the orphan guardian, the stale-process registry, SIGTERM then SIGKILL), or
+  stands for one started elsewhere (:meth:`RpcWorker.attach`).
+* :class:`RpcCluster` checks (or starts) its workers, then starts a llama-server with ``--rpc``
+  listing them, and is a :class:`~llama_proc.server.Server`: every call works as on a
+  ``LlamaServer``. It stops the server before the workers (a llama-server whose workers vanish
+  first aborts), names an unreachable worker at start within the connect timeout (llama-server
+  itself would wait for the operating system's), and names a lost one when a call fails.
+
+``rpc-server`` has no authentication: whoever reaches its port can use (and crash) it. Keep workers
+on loopback or a private network; binding one elsewhere logs a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from .binaries import find_executable, library_env
+from .client import Endpoints, LlamaClient
+from .config import LlamaServerArgs
+from .errors import (
+    APIConnectionError,
+    ConfigError,
+    RpcWorkerError,
+    RpcWorkerUnreachable,
+    ServerNotReady,
+    ServerNotRunning,
+    StartupError,
+)
+from .process import ServerProcess
+from .readiness import check_port_free, connect_host, free_port, is_loopback
+from .server import LlamaServer
+
+if TYPE_CHECKING:
+    import requests
+
+    from .supervision import RestartPolicy
+
+__all__ = ["DEFAULT_RPC_PORT", "RpcCluster", "RpcWorker", "rpc_flags"]
+
+_log = logging.getLogger("llama_proc.rpc")
+
+#: rpc-server's own default port.
+DEFAULT_RPC_PORT = 50052
+#: Seconds to wait for a worker to accept a connection (at start, and when checking a cluster's workers).
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+@functools.lru_cache(maxsize=16)
+def _help_text(executable: str, mtime: float) -> str:
+    try:
+        done = subprocess.run(
+            [executable, "--help"], capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StartupError(f"cannot run {executable} --help: {exc}") from None
+    return done.stdout + done.stderr
+
+
+def rpc_flags(executable: str | os.PathLike[str]) -> frozenset[str]:
+    """The long flags an ``rpc-server`` build accepts, read from its ``--help`` (it has no
+    ``--version``); cached per executable and modification time.
+
+    :raises StartupError: when the executable cannot be run.
+    """
+    path = os.fspath(executable)
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError as exc:
+        raise StartupError(f"{path} does not exist ({exc.strerror})") from None
+    text = _help_text(path, mtime)
+    return frozenset(word.rstrip(",") for word in text.split() if word.startswith("--"))
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError([f"rpc worker: expected host:port, got {address!r}"])
+    return host.strip("[]"), int(port)
+
+
+def _probe(host: str, port: int, timeout: float) -> str | None:
+    """None when ``host:port`` accepts a TCP connection within ``timeout``, else why not. (rpc-server
+    takes one client at a time; a connection it has not accepted yet still completes in the kernel.)"""
+    try:
+        with socket.create_connection((connect_host(host), port), timeout=timeout):
+            return None
+    except socket.timeout:
+        return f"no connection within {timeout:g} s"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+class RpcWorker:
+    """One ``rpc-server``: a ggml backend (the CPU, or ``device``) served over TCP to llama-servers
+    started with ``--rpc``.
+
+    :param executable: the ``rpc-server`` to run (default: found beside llama-server, as
+        :func:`~llama_proc.binaries.find_executable` finds it).
+    :param host: the address to listen on. Anything but loopback logs a warning: rpc-server has
+        no authentication, so only ever bind it to a private network.
+    :param port: the port (default: a free one).
+    :param threads: threads for the CPU backend (rpc-server's default: 1).
+    :param device: the device(s) to serve, comma-separated (``CUDA0``; default: all, else the CPU).
+    :param cache: keep tensors received in a local file cache (``--cache``), so a model is sent once.
+    :param mem: backend memory in MB to report, on builds that have ``--mem``.
+    :param startup_timeout: seconds to wait for the port to accept connections.
+    :param stop_timeout: seconds between SIGTERM and SIGKILL.
+    """
+
+    def __init__(
+        self,
+        executable: str | os.PathLike[str] | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        threads: int | None = None,
+        device: str | None = None,
+        cache: bool = False,
+        mem: int | None = None,
+        *,
+        startup_timeout: float = 30.0,
+        stop_timeout: float = 5.0,
+        log_lines: int = 200,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        problems = []
+        if port is not None and not 0 < port < 65536:
+            problems.append(f"port: must be between 1 and 65535, got {port}")
+        if threads is not None and threads < 1:
+            problems.append(f"threads: must be at least 1, got {threads}")
+        if mem is not None and mem < 1:
+            problems.append(f"mem: must be at least 1 (MB), got {mem}")
+        if not host.strip():
+            problems.append("host: must not be empty")
+        if problems:
+            raise ConfigError(problems)
+        self._executable = Path(executable) if executable is not None else None
+        self.host = host
+        self._port = port
+        self.threads = threads
+        self.device = device
+        self.cache = cache
+        self.mem = mem
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._log_lines = log_lines
+        self._env = env
+        self._attached = False
+        self._proc: ServerProcess | None = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def attach(cls, address: str) -> RpcWorker:
+        """A worker started elsewhere (``llama-proc rpc-worker`` on another host): ``"10.0.0.5:50052"``.
+        It has no process here; :meth:`start` only checks that it accepts connections."""
+        host, port = _split(address)
+        worker = cls(host=host, port=port)
+        worker._attached = True
+        return worker
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        """True for a worker started elsewhere (see :meth:`attach`)."""
+        return self._attached
+
+    @property
+    def port(self) -> int | None:
+        """The port (chosen at start when none was given)."""
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as llama-server's ``--rpc`` takes it (a wildcard host as loopback)."""
+        host = connect_host(self.host)
+        return f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The rpc-server's pid while this object runs it; None for an attached worker."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def executable(self) -> Path:
+        """The rpc-server this worker runs (found on first use when not given)."""
+        if self._executable is None:
+            self._executable = find_executable(name="rpc-server")
+        return self._executable
+
+    def is_running(self) -> bool:
+        """For a worker run here: its process is alive. For an attached one: it accepts a connection."""
+        if self._attached:
+            return self._port is not None and _probe(self.host, self._port, DEFAULT_CONNECT_TIMEOUT) is None
+        proc = self._proc
+        return proc is not None and proc.is_running()
+
+    def log_tail(self, n: int = 20) -> list[str]:
+        """The worker's last ``n`` output lines (rpc-server writes most of them when it exits: it
+        buffers its standard output in a pipe)."""
+        proc = self._proc
+        return proc.log_tail(n) if proc is not None else []
+
+    def check(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        """:raises RpcWorkerUnreachable: naming this worker, when it accepts no connection within ``timeout``."""
+        if self._port is None:
+            raise RpcWorkerError(f"{self.host}:?", "not started")
+        why = _probe(self.host, self._port, timeout)
+        if why is not None:
+            raise RpcWorkerUnreachable(self.address, why)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def to_args(self) -> list[str]:
+        """The argv (without the executable), for the flags this build accepts.
+
+        :raises ConfigError: when a setting needs a flag this build lacks (``mem``).
+        """
+        flags = rpc_flags(self.executable)
+        argv = ["--host", self.host, "--port", str(self._port if self._port is not None else DEFAULT_RPC_PORT)]
+        if self.threads is not None:
+            argv += ["--threads", str(self.threads)]
+        if self.device is not None:
+            argv += ["--device", self.device]
+        if self.cache:
+            argv.append("--cache")
+        if self.mem is not None:
+            if "--mem" not in flags:
+                raise ConfigError([f"mem: this rpc-server ({self.executable}) has no --mem flag"])
+            argv += ["--mem", str(self.mem)]
+        return argv
+
+    def start(self) -> None:
+        """Start rpc-server and return once its port accepts connections (an attached worker is
+        only checked).
+
+        :raises StartupError: when it exits while starting, with its exit code and last lines.
+        :raises StartupTimeout: when its port does not open within ``startup_timeout``.
+        :raises RpcWorkerUnreachable: for an attached worker that accepts no connection.
+        """
+        if self._attached:
+            self.check()
+            return
+        with self._lock:
+            if self._proc is not None and self._proc.is_running():
+                return
+            if self._port is None:
+                self._port = free_port(self.host)
+            else:
+                check_port_free(self.host, self._port)
+            if not is_loopback(self.host):
+                _log.warning(
+                    "rpc-server will listen on %s:%s without authentication: anyone who can reach it can use "
+                    "it; bind it to a private network only",
+                    self.host,
+                    self._port,
+                )
+            executable = self.executable
+            argv = [str(executable), *self.to_args()]
+            env = {**os.environ, **self._env} if self._env else None
+            env = library_env(executable, env) or env
+            _log.info("starting %s", " ".join(argv))
+            proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self.stop_timeout, logger=_log)
+            proc.start()
+            try:
+                self._wait_listening(proc)
+            except BaseException:
+                proc.stop(self.stop_timeout)
+                raise
+            self._proc = proc
+            _log.info("rpc-server pid %s listening on %s", proc.pid, self.address)
+
+    def _wait_listening(self, proc: ServerProcess) -> None:
+        assert self._port is not None
+        deadline = time.monotonic() + self.startup_timeout
+        delay = 0.005
+        while True:
+            if not proc.is_running():
+                code = proc.wait(1.0)
+                proc.stop(0)  # joins the pumps: the last lines are in the tail
+                raise StartupError(f"rpc-server exited with status {code} while starting", code, proc.log_tail())
+            if _probe(self.host, self._port, 1.0) is None:
+                return
+            if time.monotonic() > deadline:
+                raise StartupError(
+                    f"rpc-server's port {self._port} did not open within {self.startup_timeout:g} s",
+                    None,
+                    proc.log_tail(),
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop rpc-server: SIGTERM, then SIGKILL after ``timeout`` (default ``stop_timeout``).
+        Idempotent; nothing to do for an attached worker. :returns: the exit code."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        return proc.stop(self.stop_timeout if timeout is None else timeout)
+
+    def __enter__(self) -> RpcWorker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        if self._attached:
+            return f"<RpcWorker attached {self.address}>"
+        state = "running" if self._proc is not None and self._proc.is_running() else "stopped"
+        return f"<RpcWorker {state} {self.host}:{self._port} pid={self.pid}>"
+
+
+class RpcCluster(Endpoints):
+    """A llama-server that spreads its model over ``rpc-server`` workers (``--rpc``).
+
+    :param server_args: the server's settings; ``rpc`` is filled in from ``workers``, and
+        ``n_gpu_layers`` defaults to all layers (-1), since the workers' devices count as GPUs.
+    :param workers: :class:`RpcWorker` objects (started here when they are not running; attached
+        ones are checked), or ``"host:port"`` strings for workers started elsewhere.
+    :param local_worker: also run a worker on this machine's loopback (its CPU, or its devices).
+    :param connect_timeout: seconds each worker has to accept a connection at start.
+    :param worker_wait: with ``restart``, seconds a restart waits for lost workers to accept
+        connections again (workers run here are started again at once).
+    :param executable: the llama-server to run (default: found).
+    :param server_options: passed to :class:`~llama_proc.server.LlamaServer` (``startup_timeout``,
+        ``request_timeout``, ``restart``, ...). With a ``restart`` policy, a server that crashed
+        because a worker was lost is restarted once every worker accepts connections again.
+    """
+
+    def __init__(
+        self,
+        server_args: LlamaServerArgs,
+        workers: Iterable[RpcWorker | str] = (),
+        local_worker: bool = False,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        worker_wait: float = 60.0,
+        executable: str | os.PathLike[str] | None = None,
+        restart: RestartPolicy | bool | None = None,
+        **server_options: Any,
+    ) -> None:
+        self._workers = [w if isinstance(w, RpcWorker) else RpcWorker.attach(w) for w in workers]
+        if local_worker:
+            self._workers.append(RpcWorker())
+        if not self._workers:
+            raise ConfigError(["workers: an RPC cluster needs at least one worker (or local_worker=True)"])
+        self._started_here: list[RpcWorker] = []
+        self._args = server_args
+        self._connect_timeout = connect_timeout
+        self._worker_wait = worker_wait
+        self._executable = executable
+        self._restart = restart
+        self._options = server_options
+        self._server: LlamaServer | None = None
+        self._lock = threading.RLock()
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def workers(self) -> list[RpcWorker]:
+        """The workers, in ``--rpc`` order."""
+        return list(self._workers)
+
+    @property
+    def server(self) -> LlamaServer:
+        """The llama-server that uses the workers.
+
+        :raises ServerNotRunning: before :meth:`start`.
+        """
+        if self._server is None:
+            raise ServerNotRunning("the RPC cluster has not been started")
+        return self._server
+
+    @property
+    def pid(self) -> int | None:
+        """The llama-server's pid."""
+        return self._server.pid if self._server is not None else None
+
+    @property
+    def base_url(self) -> str:
+        """The llama-server's URL."""
+        return self.server.base_url
+
+    @property
+    def api_key(self) -> str | None:
+        """The llama-server's API key, if any."""
+        return self._server.api_key if self._server is not None else self._args.api_key
+
+    def get_server_args(self) -> LlamaServerArgs:
+        """The server's arguments (with ``--rpc`` filled in once started)."""
+        return self._server.args if self._server is not None else self._args
+
+    def log_tail(self, n: int = 20) -> list[str]:
+        """The llama-server's last ``n`` output lines."""
+        return self._server.log_tail(n) if self._server is not None else []
+
+    def is_running(self) -> bool:
+        """Whether the llama-server runs."""
+        return self._server is not None and self._server.is_running()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start (or check) every worker, then the llama-server that uses them.
+
+        :raises RpcWorkerUnreachable: naming the first worker that accepts no connection within
+            ``connect_timeout`` (nothing is left running).
+        :raises StartupError: when a worker or the server cannot be started.
+        """
+        with self._lock:
+            if self._server is not None and self._server.is_running():
+                return
+            try:
+                for worker in self._workers:
+                    if worker.attached:
+                        worker.check(self._connect_timeout)
+                    elif not worker.is_running():
+                        worker.start()
+                        self._started_here.append(worker)
+                args = self._args.evolve(
+                    rpc=tuple(w.address for w in self._workers),
+                    n_gpu_layers=-1 if self._args.n_gpu_layers is None else self._args.n_gpu_layers,
+                )
+                server = _ClusterServer(self, self._executable, args, restart=self._restart, **self._options)
+                server.start()
+            except BaseException:
+                self._stop_workers()
+                raise
+            self._server = server
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop the server, then the workers this cluster started. :returns: the server's exit code."""
+        with self._lock:
+            server, self._server = self._server, None
+            code = server.stop(timeout) if server is not None else None
+            self._stop_workers()
+        return code
+
+    def _await_workers(self, stop: threading.Event) -> None:
+        """Before a restart: start again the workers run here that died, and wait until every worker
+        accepts connections (at most ``worker_wait`` seconds).
+
+        :raises RpcWorkerUnreachable: naming a worker still unreachable then (the restart counts as failed).
+        """
+        deadline = time.monotonic() + self._worker_wait
+        while True:
+            lost: RpcWorkerError | None = None
+            for worker in self._workers:
+                try:
+                    if not worker.attached and worker in self._started_here and not worker.is_running():
+                        _log.warning("rpc-server %s is gone; starting it again", worker.address)
+                        worker.stop(0)
+                        worker.start()
+                    worker.check(min(self._connect_timeout, 1.0))
+                except (RpcWorkerError, StartupError) as exc:
+                    lost = exc if isinstance(exc, RpcWorkerError) else RpcWorkerError(worker.address, str(exc))
+                    break
+            if lost is None:
+                return
+            if stop.is_set() or time.monotonic() > deadline:
+                raise RpcWorkerUnreachable(lost.address, f"{lost.reason} (waited {self._worker_wait:g} s to restart)")
+            stop.wait(0.5)
+
+    def _stop_workers(self) -> None:
+        while self._started_here:
+            self._started_here.pop().stop()
+
+    def __enter__(self) -> RpcCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        workers = ", ".join(w.address for w in self._workers)
+        return f"<RpcCluster server={self._server!r} workers=[{workers}]>"
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _http(self) -> LlamaClient:
+        return self.server._http()
+
+    def _lost_worker(self) -> RpcWorkerError | None:
+        """The first worker that is gone, as the error that names it."""
+        for worker in self._workers:
+            if not worker.attached and worker.pid is not None and not worker.is_running():
+                return RpcWorkerError(worker.address, f"its rpc-server (pid {worker.pid}) is gone")
+            try:
+                worker.check(self._connect_timeout)
+            except RpcWorkerError as exc:
+                return exc
+        return None
+
+    def _call(
+        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Any = ...
+    ) -> requests.Response:
+        try:
+            return super()._call(method, path, body, stream=stream, timeout=timeout)
+        except (APIConnectionError, ServerNotRunning, ServerNotReady) as exc:
+            lost = self._lost_worker()
+            if lost is not None:
+                raise lost from exc
+            raise
+
+
+class _ClusterServer(LlamaServer):
+    """The cluster's llama-server: before a restart after a crash, it waits for the workers."""
+
+    def __init__(self, cluster: RpcCluster, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cluster = weakref.ref(cluster)
+
+    def _restart(self) -> str:
+        cluster = self._cluster()
+        if cluster is not None:
+            cluster._await_workers(self._supervisor.stop_requested)
+        return super()._restart()
