@@ -190,6 +190,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_server_args(serve)
 
+    worker = sub.add_parser(
+        "rpc-worker", help="run an rpc-server worker in the foreground until Ctrl-C or SIGTERM (no authentication)"
+    )
+    worker.add_argument("--executable", help="the rpc-server to run (default: found beside llama-server)")
+    worker.add_argument("--host", default="127.0.0.1", help="the address to listen on (only ever a private network)")
+    worker.add_argument("--port", type=int, default=50052, help="the port to listen on (default: 50052)")
+    worker.add_argument("--threads", "-t", type=int, default=None, help="CPU backend threads (default: rpc-server's)")
+    worker.add_argument("--device", "-d", default=None, help="the devices to serve, comma-separated (default: all)")
+    worker.add_argument("--cache", "-c", action="store_true", help="keep received tensors in a local file cache")
+    worker.add_argument("--mem", type=int, default=None, help="backend memory to report, in MB (builds with --mem)")
+
     demo = sub.add_parser("demo", help="build if needed, start the tiny model, chat, stream, stop")
     demo.add_argument("--variant", choices=VARIANTS, default=None, help="the backend (default: cpu)")
     demo.add_argument("--prompt", default="Write a haiku about local inference.", help="what to ask the model")
@@ -356,6 +367,10 @@ def _cmd_doctor(ns: argparse.Namespace, out: TextIO) -> int:
     except ExecutableNotFound as exc:
         w(f"would run: nothing. {exc.hint}\n")
         code = 1
+    try:
+        w(f"rpc-server (RpcWorker, llama-proc rpc-worker): {find_executable(None, name='rpc-server')}\n")
+    except ExecutableNotFound:
+        w("rpc-server (RpcWorker, llama-proc rpc-worker): not found (`llama-proc build` builds it)\n")
     w("\ndirectories:\n")
     w(f"  package bin: {package_bin_dir()}\n")
     w(f"  user cache:  {cache_dir()}  (LLAMA_PROC_CACHE_DIR overrides it)\n")
@@ -371,6 +386,36 @@ def _cmd_which(ns: argparse.Namespace, out: TextIO) -> int:
 
 class _Interrupted(Exception):
     pass
+
+
+def _cmd_rpc_worker(ns: argparse.Namespace, out: TextIO) -> int:
+    from .rpc import RpcWorker
+
+    worker = RpcWorker(ns.executable, ns.host, ns.port, ns.threads, ns.device, ns.cache, ns.mem)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    code = None
+    try:
+        worker.start()
+        out.write(f"rpc-server pid {worker.pid} listening on {ns.host}:{worker.port} (Ctrl-C stops it)\n")
+        out.flush()
+        while not stop.is_set():
+            if not worker.is_running():
+                code = worker.stop()
+                out.write(f"rpc-server exited by itself with status {code}\n")
+                return 1
+            stop.wait(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        code = worker.stop() if code is None else code
+        signal.signal(signal.SIGTERM, previous)
+    out.write(f"stopped (status {code})\n")
+    return 0
 
 
 def _cmd_serve(ns: argparse.Namespace, out: TextIO) -> int:
@@ -459,6 +504,7 @@ _COMMANDS = {
     "ps": _cmd_ps,
     "pull": _cmd_pull,
     "models": _cmd_models,
+    "rpc-worker": _cmd_rpc_worker,
 }
 
 

@@ -1,0 +1,265 @@
+"""RPC workers and clusters: real rpc-server and llama-server processes, with workers on this
+machine's loopback and on test hosts (network namespaces) reached over veth links."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from llama_proc import ConfigError, LlamaServerArgs, RestartPolicy, RpcWorkerError, RpcWorkerUnreachable, StartupError
+from llama_proc.rpc import RpcCluster, RpcWorker, rpc_flags
+
+from .conftest import children_of, pid_alive, wait_until
+from .netns import Host, make_hosts, pids_in
+
+pytestmark = pytest.mark.integration
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def rpc_exe(llama_exe: Path) -> Path:
+    return llama_exe.parent / "rpc-server"
+
+
+def _rpc_children() -> list[int]:
+    return [p for p in children_of(os.getpid()) if _name(p) == "rpc-server"]
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+# -- one worker ---------------------------------------------------------------------------------------
+
+
+def test_worker_settings_are_checked_and_flags_follow_the_build(rpc_exe: Path) -> None:
+    with pytest.raises(ConfigError, match="port: must be between 1 and 65535, got 0; threads: must be at least 1"):
+        RpcWorker(rpc_exe, port=0, threads=0)
+    assert {"--host", "--port", "--threads", "--device", "--cache"} <= rpc_flags(rpc_exe)
+    worker = RpcWorker(rpc_exe, port=50100, threads=2, cache=True)
+    assert worker.to_args() == ["--host", "127.0.0.1", "--port", "50100", "--threads", "2", "--cache"]
+    if "--mem" not in rpc_flags(rpc_exe):
+        with pytest.raises(ConfigError, match="mem: this rpc-server .* has no --mem flag"):
+            RpcWorker(rpc_exe, mem=1024).to_args()
+    with pytest.raises(ConfigError, match="expected host:port"):
+        RpcWorker.attach("10.0.0.5")
+
+
+def test_worker_starts_listens_and_stops(rpc_exe: Path) -> None:
+    with RpcWorker(rpc_exe) as worker:
+        assert worker.pid in _rpc_children() and worker.is_running()
+        worker.check(1.0)
+        assert RpcWorker.attach(worker.address).is_running()
+        pid = worker.pid
+    assert not pid_alive(pid or 0) and not worker.is_running()
+    with pytest.raises(RpcWorkerUnreachable, match=re.escape(f"RPC worker {worker.address}: ")):
+        RpcWorker.attach(worker.address).start()
+
+
+def test_a_worker_that_exits_while_starting_fails_at_once_with_its_lines(rpc_exe: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(StartupError) as info:
+        RpcWorker(rpc_exe, device="NoSuchDevice").start()
+    assert time.monotonic() - started < 5
+    assert info.value.exit_code == 1 and "unknown device: NoSuchDevice" in str(info.value)
+    assert _rpc_children() == []
+
+
+# -- a cluster on loopback ----------------------------------------------------------------------------
+
+
+def _args(tiny_model: Path) -> LlamaServerArgs:
+    # verbosity 4: llama-server logs where each model buffer lives
+    return LlamaServerArgs(model=tiny_model, n_ctx=256, extra_args=("-lv", "4"))
+
+
+def test_cluster_serves_from_local_workers_and_stops_server_first(
+    llama_exe: Path, rpc_exe: Path, tiny_model: Path
+) -> None:
+    workers = [RpcWorker(rpc_exe), RpcWorker(rpc_exe)]
+    with RpcCluster(_args(tiny_model), workers, executable=llama_exe) as cluster:
+        assert cluster.chat_completions(CHAT)["usage"]["completion_tokens"] > 0
+        assert [w.pid for w in cluster.workers] == [w.pid for w in workers]
+        log = "\n".join(cluster.log_tail(400))
+        for worker in workers:  # (this build names every RPC buffer RPC0[address])
+            assert re.search(rf"RPC\d+\[{re.escape(worker.address)}\] model buffer size", log), log
+        server_pid = cluster.pid
+    assert not pid_alive(server_pid or 0)
+    assert _rpc_children() == [] and all(w.pid is None for w in workers)
+
+
+def test_an_unreachable_worker_is_named_within_the_connect_timeout(
+    llama_exe: Path, rpc_exe: Path, tiny_model: Path
+) -> None:
+    with RpcWorker(rpc_exe) as gone:
+        address = gone.address  # a port that nobody listens on once this worker stopped
+    local = RpcWorker(rpc_exe)
+    cluster = RpcCluster(_args(tiny_model), [local, address], executable=llama_exe, connect_timeout=1.0)
+    with pytest.raises(RpcWorkerUnreachable, match=re.escape(f"RPC worker {address}: Connection refused")):
+        cluster.start()
+    assert _rpc_children() == [] and local.pid is None  # the worker it had started is stopped again
+
+
+def test_a_lost_worker_is_named_and_a_restart_policy_brings_the_cluster_back(
+    llama_exe: Path, rpc_exe: Path, tiny_model: Path
+) -> None:
+    workers = [RpcWorker(rpc_exe), RpcWorker(rpc_exe)]
+    policy = RestartPolicy(max_restarts=3, window=60, backoff=0.1)
+    with RpcCluster(_args(tiny_model), workers, executable=llama_exe, restart=policy) as cluster:
+        cluster.chat_completions(CHAT)
+        lost = workers[0].pid
+        os.kill(lost or 0, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(RpcWorkerError, match=re.escape(f"RPC worker {workers[0].address}: ")):
+            cluster.chat_completions(CHAT)
+        assert time.monotonic() - started < 5
+        # the cluster starts its own worker again, then the server
+        assert wait_until(lambda: _serves(cluster), 30), cluster.log_tail()
+        assert workers[0].pid not in (None, lost)
+    assert _rpc_children() == []
+
+
+def _serves(cluster: RpcCluster) -> bool:
+    try:
+        return bool(cluster.chat_completions(CHAT)["choices"])
+    except Exception:
+        return False
+
+
+_OWNER = """
+import sys, time
+from llama_proc import LlamaServerArgs
+from llama_proc.rpc import RpcCluster, RpcWorker
+cluster = RpcCluster(LlamaServerArgs(model=sys.argv[1], n_ctx=256), [RpcWorker(sys.argv[3])], local_worker=False,
+                     executable=sys.argv[2])
+cluster.start()
+print(cluster.pid, *[w.pid for w in cluster.workers], flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_owner_leaves_no_server_and_no_worker(llama_exe: Path, rpc_exe: Path, tiny_model: Path) -> None:
+    orphans = []
+    for _ in range(10):
+        owner = subprocess.Popen(
+            [sys.executable, "-c", _OWNER, str(tiny_model), str(llama_exe), str(rpc_exe)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert owner.stdout is not None
+            pids = [int(p) for p in owner.stdout.readline().split()]
+            assert len(pids) == 2, owner.stderr.read() if owner.stderr else ""
+        finally:
+            owner.kill()
+            owner.communicate()
+        if not wait_until(lambda pids=pids: not any(pid_alive(p) for p in pids), 10):
+            orphans += [p for p in pids if pid_alive(p)]
+            for pid in orphans:
+                os.kill(pid, signal.SIGKILL)
+    assert orphans == []
+
+
+# -- workers on other hosts ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[list[Host]]:
+    with make_hosts(2) as made:
+        yield made
+
+
+class CliWorker:
+    """``llama-proc rpc-worker`` run in a test host."""
+
+    def __init__(self, host: Host, rpc_exe: Path, port: int = 50052) -> None:
+        self.host = host
+        self.address = f"{host.address}:{port}"
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", host.name, sys.executable, "-m", "llama_proc", "rpc-worker",
+             "--executable", str(rpc_exe), "--host", host.address, "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline() if ready else ""
+        match = re.search(r"rpc-server pid (\d+) listening", line)
+        if match is None:
+            self.proc.kill()
+            raise AssertionError(f"rpc-worker did not start: {line!r} {self.proc.communicate()[1]}")
+        self.server_pid = int(match[1])
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out
+
+
+def test_a_cluster_over_two_hosts(llama_exe: Path, rpc_exe: Path, tiny_model: Path, hosts: list[Host]) -> None:
+    remote = [CliWorker(host, rpc_exe) for host in hosts]
+    try:
+        cluster = RpcCluster(_args(tiny_model), [w.address for w in remote], executable=llama_exe)
+        with cluster:
+            assert cluster.chat_completions(CHAT)["choices"][0]["message"]["content"] is not None
+            with cluster.chat_completions(CHAT, stream=True) as stream:
+                assert any(chunk["choices"] for chunk in stream)
+            assert cluster.tokenize("hello world")["tokens"]
+            log = "\n".join(cluster.log_tail(400))
+            for worker in remote:
+                assert re.search(rf"RPC\d+\[{re.escape(worker.address)}\] model buffer size", log), log
+            # a worker killed mid-run is named by the next call, within 5 s
+            os.kill(remote[1].server_pid, signal.SIGKILL)
+            started = time.monotonic()
+            with pytest.raises(RpcWorkerError, match=re.escape(f"RPC worker {remote[1].address}: ")):
+                cluster.chat_completions(CHAT)
+            assert time.monotonic() - started < 5
+        assert cluster.pid is None
+    finally:
+        codes = [w.stop() for w in remote]
+    assert codes[0] == (0, codes[0][1]) and "stopped (status" in codes[0][1]  # SIGTERM stops it cleanly
+    assert codes[1][0] == 1 and "exited by itself" in codes[1][1]  # its rpc-server was killed
+    assert all(pids_in(h.name) == [] for h in hosts)
+
+
+def test_a_remote_worker_lost_and_restarted(
+    llama_exe: Path, rpc_exe: Path, tiny_model: Path, hosts: list[Host]
+) -> None:
+    worker = CliWorker(hosts[0], rpc_exe, port=50060)
+    policy = RestartPolicy(max_restarts=5, window=60, backoff=0.1)
+    try:
+        with RpcCluster(_args(tiny_model), [worker.address], executable=llama_exe, restart=policy) as cluster:
+            cluster.chat_completions(CHAT)
+            os.kill(worker.server_pid, signal.SIGKILL)
+            with pytest.raises(RpcWorkerError, match=re.escape(worker.address)):
+                cluster.chat_completions(CHAT)
+            worker.stop()
+            worker = CliWorker(hosts[0], rpc_exe, port=50060)  # back on the same address
+            assert wait_until(lambda: _serves(cluster), 30), cluster.log_tail()
+    finally:
+        worker.stop()
+    assert pids_in(hosts[0].name) == []
+
+
+def test_a_silent_host_is_named_within_the_connect_timeout(
+    llama_exe: Path, tiny_model: Path, hosts: list[Host]
+) -> None:
+    address = f"{hosts[0].silent}:50052"  # on the link, but nothing answers: connections time out
+    cluster = RpcCluster(_args(tiny_model), [address], executable=llama_exe, connect_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(RpcWorkerUnreachable, match=re.escape(f"RPC worker {address}: ")):
+        cluster.start()
+    assert time.monotonic() - started < 3
