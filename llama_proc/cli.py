@@ -519,7 +519,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     server_output = logging.getLogger("llama_proc.server")
     previous_level = server_output.level
     # huggingface_hub prints its warnings with a handler of its own: not a second time through ours
-    logging.getLogger("huggingface_hub").propagate = False
+    hub_log = logging.getLogger("huggingface_hub")
+    hub_propagates, hub_log.propagate = hub_log.propagate, False
     if not ns.verbose_log:
         # llama-server's own warnings (slot notes, CORS) are noise on a terminal; its errors still show
         server_output.setLevel(logging.ERROR)
@@ -533,3 +534,4 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 130
     finally:
         server_output.setLevel(previous_level)
+        hub_log.propagate = hub_propagates

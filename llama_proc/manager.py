@@ -382,11 +382,6 @@ class ServerManager:
             if closed:
                 raise ServerNotRunning("the manager was closed")
             server.start()
-            with self._cond:
-                closed = self._closed
-            if closed:  # close() came as it became ready
-                server.stop()
-                raise ServerNotRunning("the manager was closed while the model was loading")
         except BaseException:
             with self._cond:
                 entry.loading = False
@@ -395,12 +390,17 @@ class ServerManager:
             raise
         with self._cond:
             entry.starting = None
-            entry.server = server
             entry.loading = False
-            entry.in_flight += 1
-            entry.last_used = time.monotonic()
+            closed = self._closed
+            if not closed:
+                entry.server = server
+                entry.in_flight += 1
+                entry.last_used = time.monotonic()
+                self._ensure_reaper()
             self._cond.notify_all()
-            self._ensure_reaper()
+        if closed:  # close() came as it became ready
+            server.stop()
+            raise ServerNotRunning("the manager was closed while the model was loading")
         self._emit(
             [
                 ServerEvent(EventKind.LOAD, entry.alias, server.base_url),

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-from .config import HubModel
+from .config import HubModel, _looks_like_spec
 from .errors import AmbiguousModel, HubModelNotFound
 
 __all__ = ["CachedModel", "HubModel", "cached_models", "gguf_info", "pull", "resolve"]
@@ -83,13 +83,13 @@ class _NotInCache(HubModelNotFound):
 
 
 def _matches_quant(name: str, quant: str) -> bool:
-    """Whether the file ``name`` is of quantization ``quant``: by the quantization its name states,
-    or, for a name that states none the pattern knows, by ``quant`` standing as a whole word in it."""
-    stated = quant_of(name)
-    if stated is not None:
-        return stated == quant.upper()
+    """Whether the file ``name`` is of quantization ``quant``: the quantization its name states, or
+    ``quant`` standing as a whole word in it (``UD-Q4_K_XL``; ``F16`` is not in ``BF16``, nor
+    ``Q4_0`` in ``Q4_0_4_4``)."""
+    if quant_of(name) == quant.upper():
+        return True
     base = name.rsplit("/", 1)[-1]
-    return re.search(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9])", base, re.IGNORECASE) is not None
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9_])", base, re.IGNORECASE) is not None
 
 
 def _choose(model: HubModel, names: Sequence[str], where: str, from_cache: bool = False) -> str:
@@ -225,7 +225,7 @@ def _as_model(repo_id: str | HubModel, filename: str | None, quant: str | None, 
     if isinstance(repo_id, HubModel):
         model = repo_id
     else:  # "org/repo", or a spec with or without its hf:// ("org/repo:Q4_K_M", as llama.cpp's -hf takes)
-        model = HubModel.parse(repo_id if repo_id.startswith("hf://") else "hf://" + repo_id)
+        model = HubModel.parse(repo_id if _looks_like_spec(repo_id) else "hf://" + repo_id)
     return HubModel(model.repo_id, filename or model.filename, quant or model.quant, revision or model.revision)
 
 
@@ -274,6 +274,8 @@ def _pull(model: HubModel, token: str | bool | None, cache_dir: str | Path | Non
     if first is None:
         names, where, from_cache = _listing(hub, model, token, cache_dir, offline)
         first = _choose(model, names, where + (f" at {model.revision}" if model.revision else ""), from_cache)
+        if from_cache:  # the hub was not asked, or could not be reached: no second try per file
+            offline = offline or "the hub cannot be reached"
     paths = [_download(hub, model, name, token, cache_dir, offline) for name in _parts(first)]
     return paths[0]
 
@@ -292,9 +294,9 @@ def resolve(model: HubModel, *, cache_dir: str | Path | None = None, local_files
     if model.filename is not None or model.quant is not None:
         try:
             return _pull(model, None, cache_dir, True)
-        except _NotInCache:
+        except _NotInCache as exc:
             if local_files_only:
-                raise
+                raise HubModelNotFound(exc.path, exc.reason, exc.hint) from None
     return pull(model, cache_dir=cache_dir, local_files_only=local_files_only)
 
 
@@ -383,11 +385,12 @@ def cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
                 except Exception:  # a damaged or foreign file is listed, not fatal to the listing
                     arch, quant = None, quant_of(name)
                 refs = sorted(revision.refs)
+                named = [r for r in refs if "/" not in r]  # refs/pr/1 cannot stand in a spec: the commit can
                 out.append(
                     CachedModel(
                         repo.repo_id,
                         name,
-                        "main" if "main" in refs else refs[0] if refs else revision.commit_hash,
+                        "main" if "main" in refs else named[0] if named else revision.commit_hash,
                         Path(first),
                         sum(p.size_on_disk for p in parts),
                         len(parts),

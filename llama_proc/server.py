@@ -249,7 +249,9 @@ class LlamaServer(Endpoints):
         self._start_pid = 0  # the process that runs that start()
         self._abort = threading.Event()
         self._stops = 0  # stop() calls so far: a start() that downloads its model checks it after
-        self._prefetch_pid = 0  # the process of a start() downloading its model, before the lock
+        self._prefetching = 0  # start()s downloading their model now, before the lock
+        self._prefetch_pid = 0  # the process they run in
+        self._prefetch_lock = threading.Lock()
         self._model_path: tuple[HubModel, Path] | None = None  # an hf:// model's resolved file
         self._last_exit: int | None = None
         self._supervisor = Supervisor(RestartPolicy() if restart is True else (restart or None), listeners, self._label)
@@ -358,6 +360,7 @@ class LlamaServer(Endpoints):
         :raises StartupTimeout: when it stays silent for ``startup_timeout`` seconds without becoming ready.
         """
         _reap_once()
+        stops = self._stops
         if isinstance(self._args.model, HubModel) and not (self._proc is not None and self._proc.is_running()):
             self._prefetch(self._args.model)
         before = self._proc
@@ -365,6 +368,8 @@ class LlamaServer(Endpoints):
             with self._lock:
                 if self._proc is not None and self._proc.is_running():
                     raise ServerAlreadyRunning(self._proc.pid or 0, self.base_url)
+                if self._stops != stops:  # stop() came between the download and the lock
+                    raise StartupAborted("stop() or stop_all() was called while the server was starting", None, [])
                 self._discard()
                 self._supervisor.begin()
                 self._start_marked()
@@ -383,14 +388,16 @@ class LlamaServer(Endpoints):
         if known is not None and known[0] == model and known[1].is_file():
             return  # found by ensure_started() just before, or by an earlier start
         stops = self._stops
-        self._prefetch_pid = os.getpid()
-        _owned_servers.add(self)
+        with self._prefetch_lock:
+            self._prefetching += 1
+            self._prefetch_pid = os.getpid()
+            _owned_servers.add(self)
         try:
             self._model_path = (model, resolve_model(model))
         finally:
-            self._prefetch_pid = 0
-            if self._proc is None:
-                _owned_servers.discard(self)
+            with self._prefetch_lock:
+                self._prefetching -= 1
+                self._forget_if_idle()
         if self._stops != stops:
             raise StartupAborted(f"stop() or stop_all() was called while {model} was downloading", None, [])
 
@@ -406,8 +413,13 @@ class LlamaServer(Endpoints):
         finally:
             self._starting = False
             self._pending = None
-            if self._proc is None:
-                _owned_servers.discard(self)
+            with self._prefetch_lock:
+                self._forget_if_idle()
+
+    def _forget_if_idle(self) -> None:
+        # with _prefetch_lock held: stop_all() need not see a server with no process, start or download
+        if self._proc is None and not self._starting and self._prefetching == 0:
+            _owned_servers.discard(self)
 
     def _start_locked(self, keep: LlamaServerArgs | None = None) -> None:
         """Start the process and wait until it is ready. ``keep``: the arguments of the process this
@@ -771,7 +783,9 @@ def owned_servers() -> list[LlamaServer]:
     return [
         s
         for s in list(_owned_servers)
-        if (s._proc is not None and s._proc.owned) or (s._starting and s._start_pid == pid) or s._prefetch_pid == pid
+        if (s._proc is not None and s._proc.owned)
+        or (s._starting and s._start_pid == pid)
+        or (s._prefetching > 0 and s._prefetch_pid == pid)
     ]
 
 

@@ -103,6 +103,11 @@ def test_a_quant_matches_only_itself() -> None:
         _choose(HubModel("o/r", quant="F16"), ["m-BF16.gguf", "m-Q8_0.gguf"], "o/r")
     with pytest.raises(HubModelNotFound, match="pick one of Q4_0_4_4"):
         _choose(HubModel("o/r", quant="Q4_0"), ["m-Q4_0_4_4.gguf"], "o/r")
+    # a quantization named with a prefix, as some publishers do (unsloth's "UD-" dynamic quants)
+    ud = ["m-UD-Q4_K_XL.gguf", "m-UD-IQ1_S.gguf", "m-Q4_K_XL.gguf"]
+    assert _choose(HubModel("o/r", quant="UD-Q4_K_XL"), ud, "o/r") == "m-UD-Q4_K_XL.gguf"
+    with pytest.raises(HubModelNotFound):
+        _choose(HubModel("o/r", quant="MXFP4"), ["m-MXFP4_MOE.gguf"], "o/r")
     # a quantization the name pattern does not know matches as a whole word only
     assert _choose(HubModel("o/r", quant="ternary"), ["m-ternary.gguf", "m-ternaryx.gguf"], "o/r") == "m-ternary.gguf"
 
@@ -446,3 +451,52 @@ def test_stopping_while_a_model_downloads_does_not_wait_and_leaves_no_server(
         ("manager", "aborted", "0"),
     ]
     assert all(float(took) < 1.0 for _, _, took, _ in lines), lines  # stop() did not wait for the download
+
+
+def test_a_second_download_ending_leaves_a_starting_server_to_stop_all(
+    fake_exe: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first calls on an autostart hf:// server: the second one's download ends while the
+    first one's server loads; stop_all() still finds and stops that server."""
+    import threading
+
+    import llama_proc.server as server_module
+    from llama_proc import LlamaServer, stop_all
+    from llama_proc.errors import StartupAborted
+    from llama_proc.server import owned_servers
+
+    monkeypatch.setenv("FAKE_MODE", "slow-load")
+    monkeypatch.setenv("FAKE_LOAD_SECONDS", "3")
+    second_done = threading.Event()
+
+    def resolve(model: HubModel, **kwargs: object) -> Path:  # both download; the second one longer
+        second = threading.current_thread().name == "second"
+        time.sleep(0.8 if second else 0.1)
+        if second:
+            second_done.set()
+        return tiny_model
+
+    monkeypatch.setattr(server_module, "resolve_model", resolve)
+    server = LlamaServer(fake_exe, LlamaServerArgs(model="hf://org/tiny"), autostart=True)
+    outcomes: dict[str, str] = {}
+
+    def first_call(name: str) -> None:
+        try:
+            server.ensure_started()
+            outcomes[name] = "started"
+        except StartupAborted:
+            outcomes[name] = "aborted"
+
+    threads = [threading.Thread(target=first_call, args=(n,), name=n) for n in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    try:
+        assert second_done.wait(10)
+        time.sleep(0.2)  # the first call's server is loading now
+        assert server in owned_servers()
+        stop_all()
+        for thread in threads:
+            thread.join(20)
+        assert not server.is_running() and outcomes.get("first") == "aborted", outcomes
+    finally:
+        server.stop()
