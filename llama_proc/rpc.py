@@ -254,8 +254,15 @@ class RpcWorker:
             self.check()
             return
         with self._lock:
+            proc = self._launch()
+            if proc is not None:
+                self._await(proc)
+
+    def _launch(self) -> ServerProcess | None:
+        """Spawn rpc-server (None when it already runs); :meth:`_await` waits until it listens."""
+        with self._lock:
             if self._proc is not None and self._proc.is_running():
-                return
+                return None
             if self._port is None:
                 self._port = free_port(self.host)
             else:
@@ -274,18 +281,24 @@ class RpcWorker:
             _log.info("starting %s", " ".join(argv))
             proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self.stop_timeout, logger=_log)
             proc.start()
-            try:
-                self._wait_listening(proc)
-            except BaseException:
-                proc.stop(self.stop_timeout)
-                raise
             self._proc = proc
-            _log.info("rpc-server pid %s listening on %s", proc.pid, self.address)
+            return proc
+
+    def _await(self, proc: ServerProcess) -> None:
+        """Wait until ``proc`` listens; on any failure it is stopped."""
+        try:
+            self._wait_listening(proc)
+        except BaseException:
+            with self._lock:
+                if self._proc is proc:
+                    self._proc = None
+            proc.stop(self.stop_timeout)
+            raise
+        _log.info("rpc-server pid %s listening on %s", proc.pid, self.address)
 
     def _wait_listening(self, proc: ServerProcess) -> None:
         assert self._port is not None
         deadline = time.monotonic() + self.startup_timeout
-        delay = 0.005
         while True:
             if not proc.is_running():
                 code = proc.wait(1.0)
@@ -299,8 +312,7 @@ class RpcWorker:
                     None,
                     proc.log_tail(),
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            time.sleep(0.002)  # a refused connection on this machine costs microseconds
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop rpc-server: SIGTERM, then SIGKILL after ``timeout`` (default ``stop_timeout``).
@@ -426,12 +438,18 @@ class RpcCluster(Endpoints):
             if self._server is not None and self._server.is_running():
                 return
             try:
+                launched = []
+                for worker in self._workers:  # all spawned at once, then waited for
+                    if not worker.attached:
+                        proc = worker._launch()
+                        if proc is not None:
+                            self._started_here.append(worker)
+                            launched.append((worker, proc))
                 for worker in self._workers:
                     if worker.attached:
                         worker.check(self._connect_timeout)
-                    elif not worker.is_running():
-                        worker.start()
-                        self._started_here.append(worker)
+                for worker, proc in launched:
+                    worker._await(proc)
                 args = self._args.evolve(
                     rpc=tuple(w.address for w in self._workers),
                     n_gpu_layers=-1 if self._args.n_gpu_layers is None else self._args.n_gpu_layers,

@@ -3,6 +3,7 @@ machine's loopback and on test hosts (network namespaces) reached over veth link
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import select
@@ -68,6 +69,16 @@ def test_worker_starts_listens_and_stops(rpc_exe: Path) -> None:
     assert not pid_alive(pid or 0) and not worker.is_running()
     with pytest.raises(RpcWorkerUnreachable, match=re.escape(f"RPC worker {worker.address}: ")):
         RpcWorker.attach(worker.address).start()
+
+
+def test_a_worker_off_loopback_warns(rpc_exe: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="llama_proc.rpc"), RpcWorker(rpc_exe, host="0.0.0.0") as worker:
+        worker.check(1.0)
+    assert any("without authentication" in r.getMessage() and "0.0.0.0" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llama_proc.rpc"), RpcWorker(rpc_exe):
+        pass
+    assert not caplog.records
 
 
 def test_a_worker_that_exits_while_starting_fails_at_once_with_its_lines(rpc_exe: Path) -> None:
