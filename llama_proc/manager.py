@@ -15,13 +15,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, overload
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Union, overload
 
 import attrs
 
 from .client import Timeout
 from .config import LlamaServerArgs
 from .errors import ConfigError, ModelNotRegistered, ServerBusy, ServerNotRunning, SharedServerConflict
+from .rpc import RpcCluster, stop_workers
 from .server import EventKind, Listener, LlamaServer, ServerEvent, emit, owned_servers
 from .streaming import Stream
 
@@ -45,8 +46,11 @@ __all__ = ["ServerManager", "shared_server", "stop_all"]
 
 _log = logging.getLogger("llama_proc.manager")
 
+#: What a manager or the shared slot runs: a llama-server, or one spread over RPC workers.
+Managed = Union[LlamaServer, RpcCluster]
+
 _lock = threading.Lock()
-_shared: tuple[tuple[Any, ...], LlamaServer] | None = None
+_shared: tuple[tuple[Any, ...], Managed] | None = None
 _owner_pid = os.getpid()
 
 
@@ -62,6 +66,8 @@ def _differences(running: tuple[Any, ...], requested: tuple[Any, ...]) -> tuple[
     """What differs between two shared-server keys ``(args, executable, options)``, each side as
     ``name=value, ...`` (API keys shown as ``***``)."""
     sides: tuple[list[str], list[str]] = ([], [])
+    if not all(isinstance(key[0], LlamaServerArgs) for key in (running, requested)):
+        return f"{running[0]!r}", f"{requested[0]!r}"  # an RpcCluster: the object itself is shared
     for field in attrs.fields(LlamaServerArgs):
         values = [getattr(key[0], field.name) for key in (running, requested)]
         if values[0] != values[1]:
@@ -74,20 +80,39 @@ def _differences(running: tuple[Any, ...], requested: tuple[Any, ...]) -> tuple[
     return ", ".join(sides[0]), ", ".join(sides[1])
 
 
+@overload
 def shared_server(
     args: LlamaServerArgs,
     executable_path: str | os.PathLike[str] | None = None,
     *,
     replace: bool = False,
     **options: Any,
-) -> LlamaServer:
+) -> LlamaServer: ...
+@overload
+def shared_server(
+    args: RpcCluster,
+    executable_path: str | os.PathLike[str] | None = None,
+    *,
+    replace: bool = False,
+    **options: Any,
+) -> RpcCluster: ...
+
+
+def shared_server(
+    args: LlamaServerArgs | RpcCluster,
+    executable_path: str | os.PathLike[str] | None = None,
+    *,
+    replace: bool = False,
+    **options: Any,
+) -> Managed:
     """The process-wide server for ``args``, created on the first call and started on first use.
 
     Any number of threads may call it at once: exactly one server is created and started. Later
     calls with the same configuration return the same server, so a notebook cell run twice reuses
     it. It is stopped at interpreter exit like any server, or by :func:`stop_all`.
 
-    :param args: what to run.
+    :param args: what to run; or an :class:`~llama_proc.rpc.RpcCluster`, which is shared as it is
+        (started on first use; ``executable_path`` and ``options`` are then not used).
     :param executable_path: the ``llama-server`` to run (default: found).
     :param replace: when a server with another configuration is shared, stop it and share this one.
     :param options: keyword options of :class:`~llama_proc.LlamaServer` (``startup_timeout``, ...).
@@ -95,7 +120,7 @@ def shared_server(
     """
     global _shared, _owner_pid
     key = (args, None if executable_path is None else str(Path(executable_path)), _freeze(options))
-    old: LlamaServer | None = None
+    old: Managed | None = None
     with _lock:
         if _owner_pid != os.getpid():  # a forked child: the parent's entry is not ours
             _shared, _owner_pid = None, os.getpid()
@@ -106,7 +131,11 @@ def shared_server(
             if not replace:
                 raise SharedServerConflict(*_differences(current_key, key))
             old = current
-        server = LlamaServer(executable_path, args, autostart=True, **options)
+        if isinstance(args, RpcCluster):
+            args.autostart = True
+            server: Managed = args
+        else:
+            server = LlamaServer(executable_path, args, autostart=True, **options)
         _shared = (key, server)
     if old is not None:
         _log.info("replacing the shared server %r", old)
@@ -122,9 +151,12 @@ def stop_all() -> list[int | None]:
     (:func:`shared_server`'s) starts again on its next call. A start() still downloading its
     ``hf://`` model finishes the download (into the cache) and then raises ``StartupAborted``.
 
-    :returns: their exit codes (None for one stopped before its process existed).
+    RPC workers (:class:`~llama_proc.rpc.RpcWorker`) this process runs are stopped after the servers.
+
+    :returns: the servers' exit codes (None for one stopped before its process existed).
     """
     codes = [server.stop() for server in owned_servers()]
+    stop_workers()
     return codes
 
 
@@ -133,11 +165,12 @@ def stop_all() -> list[int | None]:
 
 
 class _Entry:
-    def __init__(self, alias: str, args: LlamaServerArgs) -> None:
+    def __init__(self, alias: str, args: LlamaServerArgs, cluster: RpcCluster | None = None) -> None:
         self.alias = alias
         self.args = args
-        self.server: LlamaServer | None = None
-        self.starting: LlamaServer | None = None  # the server being loaded, until it is ready
+        self.cluster = cluster  # started and stopped as it is, instead of a LlamaServer made from args
+        self.server: Managed | None = None
+        self.starting: Managed | None = None  # the server being loaded, until it is ready
         self.loading = False
         self.in_flight = 0
         self.last_used = time.monotonic()
@@ -146,7 +179,7 @@ class _Entry:
 class _Lease:
     """One request's hold on a loaded server; released exactly once."""
 
-    def __init__(self, manager: ServerManager, entry: _Entry, server: LlamaServer) -> None:
+    def __init__(self, manager: ServerManager, entry: _Entry, server: Managed) -> None:
         self._manager = manager
         self._entry = entry
         self.server = server
@@ -211,18 +244,26 @@ class ServerManager:
 
     # -- registration -------------------------------------------------------------------------
 
-    def register(self, alias: str, args: LlamaServerArgs | Mapping[str, Any]) -> None:
-        """Make ``alias`` loadable with ``args`` (a :class:`LlamaServerArgs` or a plain mapping).
+    def register(self, alias: str, args: LlamaServerArgs | Mapping[str, Any] | RpcCluster) -> None:
+        """Make ``alias`` loadable with ``args`` (a :class:`LlamaServerArgs` or a plain mapping), or
+        as an :class:`~llama_proc.rpc.RpcCluster` (started on the first request for ``alias`` and
+        stopped, workers included, when evicted, as any server).
 
         The server runs with ``alias`` as its ``--alias`` unless ``args`` names another.
         """
-        parsed = args if isinstance(args, LlamaServerArgs) else LlamaServerArgs.from_dict(args)
+        cluster = None
+        if isinstance(args, RpcCluster):
+            cluster, parsed = args, args.get_server_args()
+        elif isinstance(args, LlamaServerArgs):
+            parsed = args
+        else:
+            parsed = LlamaServerArgs.from_dict(args)
         if parsed.alias is None:
             parsed = parsed.evolve(alias=alias)
         with self._cond:
             if alias in self._entries and self._entries[alias].server is not None:
                 raise ConfigError([f"{alias}: already registered and loaded; unload it first"])
-            self._entries[alias] = _Entry(alias, parsed)
+            self._entries[alias] = _Entry(alias, parsed, cluster)
 
     def register_all(self, models: Mapping[str, LlamaServerArgs | Mapping[str, Any]]) -> None:
         """Register several aliases (for example a parsed JSON or TOML table of ``alias -> settings``).
@@ -313,7 +354,7 @@ class ServerManager:
     def _acquire(self, alias: str | None) -> _Lease:
         deadline = time.monotonic() + self.wait_timeout
         events: list[ServerEvent] = []
-        to_stop: list[tuple[_Entry, LlamaServer]] = []
+        to_stop: list[tuple[_Entry, Managed]] = []
         try:
             with self._cond:
                 if self._closed:
@@ -374,7 +415,9 @@ class ServerManager:
     def _load(self, entry: _Entry) -> _Lease:
         options = dict(self._options)
         options["listeners"] = [*options.get("listeners", ()), functools.partial(self._relay, entry.alias)]
-        server = LlamaServer(self._executable, entry.args, **options)
+        server: Managed = (
+            entry.cluster if entry.cluster is not None else LlamaServer(self._executable, entry.args, **options)
+        )
         with self._cond:
             entry.starting = server  # close() stops it too (its start() then raises StartupAborted)
             closed = self._closed
@@ -410,7 +453,7 @@ class ServerManager:
         return _Lease(self, entry, server)
 
     def _release(self, entry: _Entry) -> None:
-        stop: LlamaServer | None = None
+        stop: Managed | None = None
         with self._cond:
             entry.in_flight -= 1
             entry.last_used = time.monotonic()
@@ -429,7 +472,7 @@ class ServerManager:
 
     def _reap(self) -> None:
         while True:
-            expired: list[tuple[_Entry, LlamaServer]] = []
+            expired: list[tuple[_Entry, Managed]] = []
             with self._cond:
                 if self._closed:
                     return
@@ -482,7 +525,7 @@ class ServerManager:
 
     # -- calls --------------------------------------------------------------------------------
 
-    def server(self, alias: str) -> LlamaServer:
+    def server(self, alias: str) -> Managed:
         """Load ``alias`` if needed and return its server (it may be evicted or stopped later)."""
         lease = self._acquire(alias)
         lease.release()

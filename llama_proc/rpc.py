@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from .supervision import RestartPolicy
 
-__all__ = ["DEFAULT_RPC_PORT", "RpcCluster", "RpcWorker", "rpc_flags"]
+__all__ = ["DEFAULT_RPC_PORT", "RpcCluster", "RpcWorker", "rpc_flags", "stop_workers"]
 
 _log = logging.getLogger("llama_proc.rpc")
 
@@ -56,6 +56,16 @@ _log = logging.getLogger("llama_proc.rpc")
 DEFAULT_RPC_PORT = 50052
 #: Seconds to wait for a worker to accept a connection (at start, and when checking a cluster's workers).
 DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+_owned_workers: weakref.WeakSet[RpcWorker] = weakref.WeakSet()
+
+
+def stop_workers() -> list[int | None]:
+    """Stop every rpc-server worker this process runs (:func:`~llama_proc.stop_all` calls it after
+    stopping the servers); returns their exit codes."""
+    pid = os.getpid()
+    return [w.stop() for w in list(_owned_workers) if w._proc is not None and w._proc.owned and w._owner == pid]
 
 
 @functools.lru_cache(maxsize=16)
@@ -159,6 +169,7 @@ class RpcWorker:
         self._env = env
         self._attached = False
         self._proc: ServerProcess | None = None
+        self._owner = 0
         self._lock = threading.RLock()
 
     @classmethod
@@ -282,6 +293,8 @@ class RpcWorker:
             proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self.stop_timeout, logger=_log)
             proc.start()
             self._proc = proc
+            self._owner = os.getpid()
+            _owned_workers.add(self)
             return proc
 
     def _await(self, proc: ServerProcess) -> None:
@@ -319,6 +332,7 @@ class RpcWorker:
         Idempotent; nothing to do for an attached worker. :returns: the exit code."""
         with self._lock:
             proc, self._proc = self._proc, None
+            _owned_workers.discard(self)
         if proc is None:
             return None
         return proc.stop(self.stop_timeout if timeout is None else timeout)
@@ -349,6 +363,7 @@ class RpcCluster(Endpoints):
     :param worker_wait: with ``restart``, seconds a restart waits for lost workers to accept
         connections again (workers run here are started again at once).
     :param executable: the llama-server to run (default: found).
+    :param autostart: start on the first call instead of raising ``ServerNotRunning``.
     :param server_options: passed to :class:`~llama_proc.server.LlamaServer` (``startup_timeout``,
         ``request_timeout``, ``restart``, ...). With a ``restart`` policy, a server that crashed
         because a worker was lost is restarted once every worker accepts connections again.
@@ -364,6 +379,7 @@ class RpcCluster(Endpoints):
         worker_wait: float = 60.0,
         executable: str | os.PathLike[str] | None = None,
         restart: RestartPolicy | bool | None = None,
+        autostart: bool = False,
         **server_options: Any,
     ) -> None:
         self._workers = [w if isinstance(w, RpcWorker) else RpcWorker.attach(w) for w in workers]
@@ -380,6 +396,8 @@ class RpcCluster(Endpoints):
         self._options = server_options
         self._server: LlamaServer | None = None
         self._lock = threading.RLock()
+        #: Start on the first call (as :func:`~llama_proc.shared_server` sets it).
+        self.autostart = autostart
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -512,6 +530,8 @@ class RpcCluster(Endpoints):
     # -- calls --------------------------------------------------------------------------------
 
     def _http(self) -> LlamaClient:
+        if self._server is None and self.autostart:
+            self.start()
         return self.server._http()
 
     def _lost_worker(self) -> RpcWorkerError | None:

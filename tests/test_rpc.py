@@ -274,3 +274,29 @@ def test_a_silent_host_is_named_within_the_connect_timeout(
     with pytest.raises(RpcWorkerUnreachable, match=re.escape(f"RPC worker {address}: ")):
         cluster.start()
     assert time.monotonic() - started < 3
+
+
+def test_shared_server_manager_and_stop_all_take_clusters(llama_exe: Path, rpc_exe: Path, tiny_model: Path) -> None:
+    from llama_proc import ServerManager, shared_server, stop_all
+    from llama_proc import manager as manager_module
+
+    cluster = RpcCluster(_args(tiny_model), [RpcWorker(rpc_exe)], executable=llama_exe)
+    try:
+        shared = shared_server(cluster, replace=True)
+        assert shared is cluster and shared_server(cluster) is cluster
+        assert shared.chat_completions(CHAT)["choices"]  # started by the first call
+        assert len(_rpc_children()) == 1
+        stop_all()  # the server, then the worker
+        assert cluster.pid is None and _rpc_children() == []
+    finally:
+        cluster.stop()
+        manager_module._shared = None  # the slot is the process's: give it back to other tests
+    with ServerManager(max_loaded=1) as manager:
+        manager.register("big", RpcCluster(_args(tiny_model), [RpcWorker(rpc_exe)], executable=llama_exe))
+        manager.register("small", LlamaServerArgs(model=tiny_model, n_ctx=256))
+        reply = manager.chat_completions({**CHAT, "model": "big"})
+        assert reply["choices"] and len(_rpc_children()) == 1
+        manager.chat_completions({**CHAT, "model": "small"})  # evicts the cluster, worker included
+        assert _rpc_children() == []
+        assert manager.chat_completions({**CHAT, "model": "big"})["choices"]  # and loads it again
+    assert _rpc_children() == []
