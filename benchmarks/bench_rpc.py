@@ -4,17 +4,21 @@
   same argv (both workers spawned, each port polled every 1 ms, then llama-server spawned and
   ``/health`` polled every 1 ms): the raw limit. Target: ratio <= 1.05 (median of 10 runs).
 * tokens/s of the cluster vs one local llama-server on the same model (reported as measured: every
-  token's computation crosses the workers' TCP connections, so a cluster is slower on one machine).
+  token's computation crosses the workers' TCP connections, so a cluster is slower on one machine);
+  as root, also with the two workers on test hosts (network namespaces joined by veth links).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from _common import free_port, record, report, setup
 
@@ -25,10 +29,10 @@ from llama_proc.versions import flag_dialect
 PROMPT = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 64, "temperature": 0}
 
 
-def _wait_port(port: int) -> None:
+def _wait_port(port: int, host: str = "127.0.0.1") -> None:
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return
         except OSError:
             time.sleep(0.001)
@@ -106,7 +110,30 @@ def main() -> int:
     with LlamaServer(executable, args) as local:
         local_rate = tokens_per_second(local)
     record("tokens/s: cluster vs one local server", cluster_rate, local_rate, "tok/s", "reported", True)
-    return report("RPC cluster (2 workers on loopback)")
+    if os.geteuid() == 0:
+        veth_rate = over_veth(str(rpc_exe), executable, args)
+        record("tokens/s: workers on 2 veth hosts vs local", veth_rate, local_rate, "tok/s", "reported", True)
+    return report("RPC cluster (2 workers)")
+
+
+def over_veth(rpc_exe: str, executable: Path, args: LlamaServerArgs) -> float:
+    """tokens/s of a cluster whose workers run in two network namespaces (test hosts)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.netns import make_hosts
+
+    with make_hosts(2) as hosts, contextlib.ExitStack() as stack:
+        for host in hosts:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", host.name, rpc_exe, "--host", host.address, "--port", "50052"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            stack.callback(proc.wait)
+            stack.callback(proc.terminate)
+        addresses = [f"{h.address}:50052" for h in hosts]
+        for host in hosts:
+            _wait_port(50052, host.address)
+        with RpcCluster(args, addresses, executable=executable) as cluster:
+            return tokens_per_second(cluster)
 
 
 if __name__ == "__main__":

@@ -396,6 +396,8 @@ class RpcCluster(Endpoints):
         self._options = server_options
         self._server: LlamaServer | None = None
         self._lock = threading.RLock()
+        self._workers_lock = threading.Lock()  # restarts of lost workers vs stopping them
+        self._stopping = False
         #: Start on the first call (as :func:`~llama_proc.shared_server` sets it).
         self.autostart = autostart
 
@@ -455,6 +457,7 @@ class RpcCluster(Endpoints):
         with self._lock:
             if self._server is not None and self._server.is_running():
                 return
+            self._stopping = False
             try:
                 launched = []
                 for worker in self._workers:  # all spawned at once, then waited for
@@ -481,6 +484,7 @@ class RpcCluster(Endpoints):
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop the server, then the workers this cluster started. :returns: the server's exit code."""
+        self._stopping = True  # a restart waiting for workers gives up, and starts none again
         with self._lock:
             server, self._server = self._server, None
             code = server.stop(timeout) if server is not None else None
@@ -498,23 +502,27 @@ class RpcCluster(Endpoints):
             lost: RpcWorkerError | None = None
             for worker in self._workers:
                 try:
-                    if not worker.attached and worker in self._started_here and not worker.is_running():
-                        _log.warning("rpc-server %s is gone; starting it again", worker.address)
-                        worker.stop(0)
-                        worker.start()
+                    with self._workers_lock:
+                        if self._stopping or stop.is_set():
+                            raise RpcWorkerError(worker.address, "the cluster is being stopped")
+                        if not worker.attached and worker in self._started_here and not worker.is_running():
+                            _log.warning("rpc-server %s is gone; starting it again", worker.address)
+                            worker.stop(0)
+                            worker.start()
                     worker.check(min(self._connect_timeout, 1.0))
                 except (RpcWorkerError, StartupError) as exc:
                     lost = exc if isinstance(exc, RpcWorkerError) else RpcWorkerError(worker.address, str(exc))
                     break
             if lost is None:
                 return
-            if stop.is_set() or time.monotonic() > deadline:
+            if self._stopping or stop.is_set() or time.monotonic() > deadline:
                 raise RpcWorkerUnreachable(lost.address, f"{lost.reason} (waited {self._worker_wait:g} s to restart)")
             stop.wait(0.5)
 
     def _stop_workers(self) -> None:
-        while self._started_here:
-            self._started_here.pop().stop()
+        with self._workers_lock:
+            while self._started_here:
+                self._started_here.pop().stop()
 
     def __enter__(self) -> RpcCluster:
         self.start()
