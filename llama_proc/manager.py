@@ -22,7 +22,7 @@ import attrs
 from .client import Timeout
 from .config import LlamaServerArgs
 from .errors import ConfigError, ModelNotRegistered, ServerBusy, ServerNotRunning, SharedServerConflict
-from .rpc import RpcCluster, stop_workers
+from .rpc import RpcCluster, stop_clusters, stop_workers
 from .server import EventKind, Listener, LlamaServer, ServerEvent, emit, owned_servers
 from .streaming import Stream
 
@@ -155,7 +155,8 @@ def stop_all() -> list[int | None]:
 
     :returns: the servers' exit codes (None for one stopped before its process existed).
     """
-    codes = [server.stop() for server in owned_servers()]
+    codes = stop_clusters()  # each server before its workers
+    codes += [server.stop() for server in owned_servers()]
     stop_workers()
     return codes
 
@@ -263,6 +264,11 @@ class ServerManager:
         with self._cond:
             if alias in self._entries and self._entries[alias].server is not None:
                 raise ConfigError([f"{alias}: already registered and loaded; unload it first"])
+            if cluster is not None:
+                other = [e.alias for e in self._entries.values() if e.cluster is cluster and e.alias != alias]
+                if other:
+                    raise ConfigError([f"{alias}: this RPC cluster is already registered as {other[0]!r}"])
+                cluster._args = parsed  # it runs under the alias too
             self._entries[alias] = _Entry(alias, parsed, cluster)
 
     def register_all(self, models: Mapping[str, LlamaServerArgs | Mapping[str, Any]]) -> None:

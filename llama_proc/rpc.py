@@ -17,6 +17,7 @@ on loopback or a private network; binding one elsewhere logs a warning.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import socket
@@ -32,23 +33,25 @@ from .client import Endpoints, LlamaClient
 from .config import LlamaServerArgs
 from .errors import (
     APIConnectionError,
+    APITimeoutError,
     ConfigError,
     RpcWorkerError,
     RpcWorkerUnreachable,
     ServerNotReady,
     ServerNotRunning,
+    StartupAborted,
     StartupError,
 )
 from .process import ServerProcess
 from .readiness import check_port_free, connect_host, free_port, is_loopback
-from .server import LlamaServer
+from .server import LlamaServer, _reap_once
 
 if TYPE_CHECKING:
     import requests
 
     from .supervision import RestartPolicy
 
-__all__ = ["DEFAULT_RPC_PORT", "RpcCluster", "RpcWorker", "rpc_flags", "stop_workers"]
+__all__ = ["DEFAULT_RPC_PORT", "RpcCluster", "RpcWorker", "rpc_flags", "stop_clusters", "stop_workers"]
 
 _log = logging.getLogger("llama_proc.rpc")
 
@@ -59,6 +62,14 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 
 
 _owned_workers: weakref.WeakSet[RpcWorker] = weakref.WeakSet()
+_running_clusters: weakref.WeakSet[RpcCluster] = weakref.WeakSet()
+
+
+def stop_clusters() -> list[int | None]:
+    """Stop every RPC cluster this process started, each server before its workers
+    (:func:`~llama_proc.stop_all` calls it first); returns the servers' exit codes."""
+    pid = os.getpid()
+    return [c.stop() for c in list(_running_clusters) if c._server is not None and c._server._start_pid == pid]
 
 
 def stop_workers() -> list[int | None]:
@@ -94,6 +105,14 @@ def rpc_flags(executable: str | os.PathLike[str]) -> frozenset[str]:
     return frozenset(word.rstrip(",") for word in text.split() if word.startswith("--"))
 
 
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _split(address: str) -> tuple[str, int]:
     host, sep, port = address.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -101,16 +120,23 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _probe(host: str, port: int, timeout: float) -> str | None:
+def _probe(host: str, port: int, timeout: float, abort: threading.Event | None = None) -> str | None:
     """None when ``host:port`` accepts a TCP connection within ``timeout``, else why not. (rpc-server
-    takes one client at a time; a connection it has not accepted yet still completes in the kernel.)"""
-    try:
-        with socket.create_connection((connect_host(host), port), timeout=timeout):
-            return None
-    except socket.timeout:
-        return f"no connection within {timeout:g} s"
-    except OSError as exc:
-        return exc.strerror or str(exc)
+    takes one client at a time; a connection it has not accepted yet still completes in the kernel.)
+    Tried in attempts of at most half a second, so that ``abort`` ends a wait for a silent host."""
+    deadline = time.monotonic() + timeout
+    while True:
+        attempt = min(0.5, max(deadline - time.monotonic(), 0.001))
+        try:
+            with socket.create_connection((connect_host(host), port), timeout=attempt):
+                return None
+        except socket.timeout:
+            if time.monotonic() >= deadline:
+                return f"no connection within {timeout:g} s"
+            if abort is not None and abort.is_set():
+                return "the wait was aborted"
+        except OSError as exc:
+            return exc.strerror or str(exc)
 
 
 class RpcWorker:
@@ -152,8 +178,10 @@ class RpcWorker:
             problems.append(f"threads: must be at least 1, got {threads}")
         if mem is not None and mem < 1:
             problems.append(f"mem: must be at least 1 (MB), got {mem}")
-        if not host.strip():
-            problems.append("host: must not be empty")
+        if not _is_ipv4(host):
+            problems.append(
+                f"host: rpc-server listens on IPv4 addresses only (127.0.0.1, 0.0.0.0, 10.0.0.5), got {host!r}"
+            )
         if problems:
             raise ConfigError(problems)
         self._executable = Path(executable) if executable is not None else None
@@ -170,6 +198,7 @@ class RpcWorker:
         self._attached = False
         self._proc: ServerProcess | None = None
         self._owner = 0
+        self._abort = threading.Event()
         self._lock = threading.RLock()
 
     @classmethod
@@ -177,7 +206,8 @@ class RpcWorker:
         """A worker started elsewhere (``llama-proc rpc-worker`` on another host): ``"10.0.0.5:50052"``.
         It has no process here; :meth:`start` only checks that it accepts connections."""
         host, port = _split(address)
-        worker = cls(host=host, port=port)
+        worker = cls(port=port)
+        worker.host = host  # a name is fine here: llama-server resolves it
         worker._attached = True
         return worker
 
@@ -224,11 +254,14 @@ class RpcWorker:
         proc = self._proc
         return proc.log_tail(n) if proc is not None else []
 
-    def check(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
-        """:raises RpcWorkerUnreachable: naming this worker, when it accepts no connection within ``timeout``."""
+    def check(self, timeout: float = DEFAULT_CONNECT_TIMEOUT, abort: threading.Event | None = None) -> None:
+        """:raises RpcWorkerUnreachable: naming this worker, when it accepts no connection within
+        ``timeout``. :raises StartupAborted: when ``abort`` is set meanwhile."""
         if self._port is None:
             raise RpcWorkerError(f"{self.host}:?", "not started")
-        why = _probe(self.host, self._port, timeout)
+        why = _probe(self.host, self._port, timeout, abort)
+        if abort is not None and abort.is_set():
+            raise StartupAborted(f"the check of RPC worker {self.address} was aborted", None, [])
         if why is not None:
             raise RpcWorkerUnreachable(self.address, why)
 
@@ -264,16 +297,17 @@ class RpcWorker:
         if self._attached:
             self.check()
             return
-        with self._lock:
-            proc = self._launch()
-            if proc is not None:
-                self._await(proc)
+        proc = self._launch()
+        if proc is not None:
+            self._await(proc)
 
     def _launch(self) -> ServerProcess | None:
         """Spawn rpc-server (None when it already runs); :meth:`_await` waits until it listens."""
+        _reap_once()
         with self._lock:
             if self._proc is not None and self._proc.is_running():
                 return None
+            self._abort.clear()
             if self._port is None:
                 self._port = free_port(self.host)
             else:
@@ -297,10 +331,11 @@ class RpcWorker:
             _owned_workers.add(self)
             return proc
 
-    def _await(self, proc: ServerProcess) -> None:
-        """Wait until ``proc`` listens; on any failure it is stopped."""
+    def _await(self, proc: ServerProcess, abort: threading.Event | None = None) -> None:
+        """Wait until ``proc`` listens; on any failure it is stopped. ``abort`` (or :meth:`stop`)
+        ends the wait with :class:`~llama_proc.errors.StartupAborted`."""
         try:
-            self._wait_listening(proc)
+            self._wait_listening(proc, abort)
         except BaseException:
             with self._lock:
                 if self._proc is proc:
@@ -309,16 +344,27 @@ class RpcWorker:
             raise
         _log.info("rpc-server pid %s listening on %s", proc.pid, self.address)
 
-    def _wait_listening(self, proc: ServerProcess) -> None:
+    def _wait_listening(self, proc: ServerProcess, abort: threading.Event | None) -> None:
+        """Until the port accepts a connection and rpc-server's log says that it accepted it (so the
+        listener is this rpc-server, not another process that took the port first). rpc-server
+        buffers its output in the pipe; accepting a client makes it write the lines out."""
         assert self._port is not None
         deadline = time.monotonic() + self.startup_timeout
+        connected = False
         while True:
+            if self._abort.is_set() or (abort is not None and abort.is_set()):
+                raise StartupAborted("stop() was called while the rpc-server was starting", None, proc.log_tail())
             if not proc.is_running():
                 code = proc.wait(1.0)
                 proc.stop(0)  # joins the pumps: the last lines are in the tail
                 raise StartupError(f"rpc-server exited with status {code} while starting", code, proc.log_tail())
-            if _probe(self.host, self._port, 1.0) is None:
-                return
+            if not connected:
+                connected = _probe(self.host, self._port, 1.0) is None
+            if connected:
+                if any("Accepted client connection" in line for line in proc.log_tail(50)):
+                    return
+                proc.wait_activity(0.05)
+                continue
             if time.monotonic() > deadline:
                 raise StartupError(
                     f"rpc-server's port {self._port} did not open within {self.startup_timeout:g} s",
@@ -328,8 +374,12 @@ class RpcWorker:
             time.sleep(0.002)  # a refused connection on this machine costs microseconds
 
     def stop(self, timeout: float | None = None) -> int | None:
-        """Stop rpc-server: SIGTERM, then SIGKILL after ``timeout`` (default ``stop_timeout``).
-        Idempotent; nothing to do for an attached worker. :returns: the exit code."""
+        """Stop rpc-server: SIGTERM, then SIGKILL after ``timeout`` (default ``stop_timeout``); a
+        start() still waiting for it raises ``StartupAborted``. Idempotent; nothing to do for an
+        attached worker, or in a forked child. :returns: the exit code."""
+        if self._owner != os.getpid():
+            return None  # a forked copy: the worker is its parent's
+        self._abort.set()
         with self._lock:
             proc, self._proc = self._proc, None
             _owned_workers.discard(self)
@@ -383,8 +433,9 @@ class RpcCluster(Endpoints):
         **server_options: Any,
     ) -> None:
         self._workers = [w if isinstance(w, RpcWorker) else RpcWorker.attach(w) for w in workers]
-        if local_worker:
-            self._workers.append(RpcWorker())
+        if local_worker:  # the rpc-server beside the llama-server given, so both are of one build
+            beside = Path(executable).parent / "rpc-server" if executable is not None else None
+            self._workers.append(RpcWorker(beside if beside is not None and beside.is_file() else None))
         if not self._workers:
             raise ConfigError(["workers: an RPC cluster needs at least one worker (or local_worker=True)"])
         self._started_here: list[RpcWorker] = []
@@ -395,9 +446,11 @@ class RpcCluster(Endpoints):
         self._restart = restart
         self._options = server_options
         self._server: LlamaServer | None = None
+        self._pending: LlamaServer | None = None  # the server of a start() in progress
         self._lock = threading.RLock()
         self._workers_lock = threading.Lock()  # restarts of lost workers vs stopping them
         self._stopping = False
+        self._abort = threading.Event()  # set by stop(): a start() in progress gives up
         #: Start on the first call (as :func:`~llama_proc.shared_server` sets it).
         self.autostart = autostart
 
@@ -457,7 +510,11 @@ class RpcCluster(Endpoints):
         with self._lock:
             if self._server is not None and self._server.is_running():
                 return
+            if self._server is not None:  # crashed, or given up on: stopped for good before the new one
+                self._server.stop()
+                self._server = None
             self._stopping = False
+            self._abort.clear()
             try:
                 launched = []
                 for worker in self._workers:  # all spawned at once, then waited for
@@ -468,28 +525,48 @@ class RpcCluster(Endpoints):
                             launched.append((worker, proc))
                 for worker in self._workers:
                     if worker.attached:
-                        worker.check(self._connect_timeout)
+                        self._check_abort()
+                        worker.check(self._connect_timeout, self._abort)
                 for worker, proc in launched:
-                    worker._await(proc)
+                    worker._await(proc, self._abort)
+                self._check_abort()
                 args = self._args.evolve(
                     rpc=tuple(w.address for w in self._workers),
                     n_gpu_layers=-1 if self._args.n_gpu_layers is None else self._args.n_gpu_layers,
                 )
-                server = _ClusterServer(self, self._executable, args, restart=self._restart, **self._options)
+                options = dict(self._options)
+                # a llama-server that loses a worker aborts; without this it first runs gdb, if
+                # installed, to print a backtrace, which delays the error by seconds
+                options["env"] = {"GGML_NO_BACKTRACE": "1", **(options.get("env") or {})}
+                server = _ClusterServer(self, self._executable, args, restart=self._restart, **options)
+                self._pending = server
+                self._check_abort()
                 server.start()
             except BaseException:
+                self._pending = None
                 self._stop_workers()
                 raise
+            self._pending = None
             self._server = server
+            _running_clusters.add(self)
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop the server, then the workers this cluster started. :returns: the server's exit code."""
         self._stopping = True  # a restart waiting for workers gives up, and starts none again
+        self._abort.set()  # a start() in progress gives up
+        pending = self._pending
+        if pending is not None:
+            pending.stop(timeout)  # its start() raises StartupAborted
         with self._lock:
             server, self._server = self._server, None
+            _running_clusters.discard(self)
             code = server.stop(timeout) if server is not None else None
             self._stop_workers()
         return code
+
+    def _check_abort(self) -> None:
+        if self._abort.is_set():
+            raise StartupAborted("stop() was called while the RPC cluster was starting", None, [])
 
     def _await_workers(self, stop: threading.Event) -> None:
         """Before a restart: start again the workers run here that died, and wait until every worker
@@ -538,19 +615,36 @@ class RpcCluster(Endpoints):
     # -- calls --------------------------------------------------------------------------------
 
     def _http(self) -> LlamaClient:
-        if self._server is None and self.autostart:
+        server = self._server
+        if self.autostart and (server is None or not (server.is_running() or server._supervisor.restarting)):
             self.start()
         return self.server._http()
 
+    def _on_timeout(self, path: str) -> None:
+        server = self._server
+        if server is not None:
+            server._on_timeout(path)  # a hung server is restarted under restart_on_timeout
+
     def _lost_worker(self) -> RpcWorkerError | None:
-        """The first worker that is gone, as the error that names it."""
+        """When the llama-server has exited on its own (it aborts when it loses a worker): the
+        first worker that is gone, as the error that names it. Workers run here are asked for
+        their process; remote ones get one short connection attempt each."""
+        server = self._server
+        proc = server.process if server is not None else None
+        if server is None or proc is None or not proc.owned:
+            return None
+        if proc.is_running():
+            proc.wait(1.0)  # the call broke as the process died: give it a moment to be reaped
+        if proc.is_running() and not server._supervisor.restarting:
+            return None
         for worker in self._workers:
-            if not worker.attached and worker.pid is not None and not worker.is_running():
-                return RpcWorkerError(worker.address, f"its rpc-server (pid {worker.pid}) is gone")
-            try:
-                worker.check(self._connect_timeout)
-            except RpcWorkerError as exc:
-                return exc
+            if not worker.attached:
+                if worker.pid is not None and not worker.is_running():
+                    return RpcWorkerError(worker.address, f"its rpc-server (pid {worker.pid}) is gone")
+                continue
+            why = _probe(worker.host, worker.port or 0, min(self._connect_timeout, 1.0))
+            if why is not None:
+                return RpcWorkerError(worker.address, f"lost ({why})")
         return None
 
     def _call(
@@ -559,6 +653,8 @@ class RpcCluster(Endpoints):
         try:
             return super()._call(method, path, body, stream=stream, timeout=timeout)
         except (APIConnectionError, ServerNotRunning, ServerNotReady) as exc:
+            if isinstance(exc, APITimeoutError):
+                raise  # the server is there and slow: not a lost worker
             lost = self._lost_worker()
             if lost is not None:
                 raise lost from exc

@@ -8,6 +8,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,17 @@ from typing import Iterator
 
 import pytest
 
-from llama_proc import ConfigError, LlamaServerArgs, RestartPolicy, RpcWorkerError, RpcWorkerUnreachable, StartupError
+from llama_proc import (
+    APITimeoutError,
+    ConfigError,
+    LlamaServerArgs,
+    RestartPolicy,
+    RpcWorkerError,
+    RpcWorkerUnreachable,
+    ServerNotRunning,
+    StartupAborted,
+    StartupError,
+)
 from llama_proc.rpc import RpcCluster, RpcWorker, rpc_flags
 
 from .conftest import children_of, pid_alive, wait_until
@@ -58,11 +69,16 @@ def test_worker_settings_are_checked_and_flags_follow_the_build(rpc_exe: Path) -
             RpcWorker(rpc_exe, mem=1024).to_args()
     with pytest.raises(ConfigError, match="expected host:port"):
         RpcWorker.attach("10.0.0.5")
+    with pytest.raises(ConfigError, match="host: rpc-server listens on IPv4 addresses only"):
+        RpcWorker(rpc_exe, host="localhost")
+    assert RpcWorker.attach("worker-a.internal:50052").address == "worker-a.internal:50052"  # resolved by llama-server
 
 
 def test_worker_starts_listens_and_stops(rpc_exe: Path) -> None:
     with RpcWorker(rpc_exe) as worker:
         assert worker.pid in _rpc_children() and worker.is_running()
+        # ready means its own log says it accepted a connection, not just that the port is open
+        assert any("Accepted client connection" in line for line in worker.log_tail(50))
         worker.check(1.0)
         assert RpcWorker.attach(worker.address).is_running()
         pid = worker.pid
@@ -71,10 +87,11 @@ def test_worker_starts_listens_and_stops(rpc_exe: Path) -> None:
         RpcWorker.attach(worker.address).start()
 
 
-def test_a_worker_off_loopback_warns(rpc_exe: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="llama_proc.rpc"), RpcWorker(rpc_exe, host="0.0.0.0") as worker:
+def test_a_worker_off_loopback_warns(rpc_exe: Path, caplog: pytest.LogCaptureFixture, hosts: list[Host]) -> None:
+    address = hosts[0].local  # this machine's end of a test link: not loopback, reachable from here only
+    with caplog.at_level(logging.WARNING, logger="llama_proc.rpc"), RpcWorker(rpc_exe, host=address) as worker:
         worker.check(1.0)
-    assert any("without authentication" in r.getMessage() and "0.0.0.0" in r.getMessage() for r in caplog.records)
+    assert any("without authentication" in r.getMessage() and address in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="llama_proc.rpc"), RpcWorker(rpc_exe):
         pass
@@ -116,12 +133,13 @@ def test_cluster_serves_from_local_workers_and_stops_server_first(
 def test_an_unreachable_worker_is_named_within_the_connect_timeout(
     llama_exe: Path, rpc_exe: Path, tiny_model: Path
 ) -> None:
-    with RpcWorker(rpc_exe) as gone:
-        address = gone.address  # a port that nobody listens on once this worker stopped
-    local = RpcWorker(rpc_exe)
-    cluster = RpcCluster(_args(tiny_model), [local, address], executable=llama_exe, connect_timeout=1.0)
-    with pytest.raises(RpcWorkerUnreachable, match=re.escape(f"RPC worker {address}: Connection refused")):
-        cluster.start()
+    with socket.socket() as held:  # bound, never listening: connections to it are refused
+        held.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        local = RpcWorker(rpc_exe)
+        cluster = RpcCluster(_args(tiny_model), [local, address], executable=llama_exe, connect_timeout=1.0)
+        with pytest.raises(RpcWorkerUnreachable, match=re.escape(f"RPC worker {address}: Connection refused")):
+            cluster.start()
     assert _rpc_children() == [] and local.pid is None  # the worker it had started is stopped again
 
 
@@ -142,6 +160,44 @@ def test_a_lost_worker_is_named_and_a_restart_policy_brings_the_cluster_back(
         assert wait_until(lambda: _serves(cluster), 30), cluster.log_tail()
         assert workers[0].pid not in (None, lost)
     assert _rpc_children() == []
+
+
+def test_calls_outside_a_run_and_slow_answers_are_not_blamed_on_workers(
+    llama_exe: Path, rpc_exe: Path, tiny_model: Path
+) -> None:
+    cluster = RpcCluster(_args(tiny_model), [RpcWorker(rpc_exe)], executable=llama_exe)
+    with pytest.raises(ServerNotRunning, match="has not been started"):
+        cluster.chat_completions(CHAT)
+    with cluster:
+        for _ in range(4):  # each failed call leaves the single-client worker alone
+            with pytest.raises(APITimeoutError):
+                cluster.chat_completions({**CHAT, "max_tokens": 64}, timeout=(5, 0.001))
+        assert cluster.chat_completions(CHAT)["choices"]
+    with pytest.raises(ServerNotRunning):
+        cluster.chat_completions(CHAT)
+
+
+def test_stop_interrupts_a_start(llama_exe: Path, tiny_model: Path, hosts: list[Host]) -> None:
+    import threading
+
+    silent = f"{hosts[1].silent}:50052"
+    cluster = RpcCluster(_args(tiny_model), [silent], executable=llama_exe, connect_timeout=20)
+    outcome: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            cluster.start()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    cluster.stop()
+    thread.join(30)
+    assert time.monotonic() - started < 3, "stop() waited for the worker's connect timeout"
+    assert outcome and isinstance(outcome[0], StartupAborted), outcome
 
 
 def _serves(cluster: RpcCluster) -> bool:
@@ -172,14 +228,16 @@ def test_a_killed_owner_leaves_no_server_and_no_worker(llama_exe: Path, rpc_exe:
         )  # fmt: skip
         try:
             assert owner.stdout is not None
-            pids = [int(p) for p in owner.stdout.readline().split()]
+            ready, _, _ = select.select([owner.stdout], [], [], 60)
+            pids = [int(p) for p in owner.stdout.readline().split()] if ready else []
             assert len(pids) == 2, owner.stderr.read() if owner.stderr else ""
         finally:
             owner.kill()
             owner.communicate()
         if not wait_until(lambda pids=pids: not any(pid_alive(p) for p in pids), 10):
-            orphans += [p for p in pids if pid_alive(p)]
-            for pid in orphans:
+            left = [p for p in pids if pid_alive(p)]
+            orphans += left
+            for pid in left:
                 os.kill(pid, signal.SIGKILL)
     assert orphans == []
 
@@ -215,7 +273,8 @@ class CliWorker:
         self.server_pid = int(match[1])
 
     def stop(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         out, _ = self.proc.communicate(timeout=30)
         return self.proc.returncode, out
 
@@ -238,11 +297,12 @@ def test_a_cluster_over_two_hosts(llama_exe: Path, rpc_exe: Path, tiny_model: Pa
             with pytest.raises(RpcWorkerError, match=re.escape(f"RPC worker {remote[1].address}: ")):
                 cluster.chat_completions(CHAT)
             assert time.monotonic() - started < 5
+            remote[1].proc.wait(5)  # rpc-worker notices its rpc-server died, and ends
         assert cluster.pid is None
     finally:
         codes = [w.stop() for w in remote]
     assert codes[0] == (0, codes[0][1]) and "stopped (status" in codes[0][1]  # SIGTERM stops it cleanly
-    assert codes[1][0] == 1 and "exited by itself" in codes[1][1]  # its rpc-server was killed
+    assert codes[1][0] == 1 and "exited by itself" in codes[1][1], codes  # its rpc-server was killed
     assert all(pids_in(h.name) == [] for h in hosts)
 
 
@@ -288,6 +348,8 @@ def test_shared_server_manager_and_stop_all_take_clusters(llama_exe: Path, rpc_e
         assert len(_rpc_children()) == 1
         stop_all()  # the server, then the worker
         assert cluster.pid is None and _rpc_children() == []
+        assert shared.chat_completions(CHAT)["choices"]  # the next call starts it again
+        stop_all()
     finally:
         cluster.stop()
         manager_module._shared = None  # the slot is the process's: give it back to other tests
