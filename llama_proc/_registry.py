@@ -167,7 +167,8 @@ def reap_stale(timeout: float = 5.0) -> list[int]:
                 path.unlink()  # gone, or the pid was reused by another process: never touch it
             continue
         pid, owner = int(data["pid"]), int(data["owner"])
-        _log.warning("stopping stale llama-server pid %d (its owner %d is gone)", pid, owner)
+        name = os.path.basename(str(data.get("executable") or "llama-server"))
+        _log.warning("stopping stale %s pid %d (its owner %d is gone)", name, pid, owner)
         # not our child, so never reaped here: it has ended once it is gone or a zombie (start_time None)
         kill_group(pid, timeout, kill_wait=5.0, ended=functools.partial(_ended, pid))
         reaped.append(pid)

@@ -191,12 +191,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_server_args(serve)
 
     worker = sub.add_parser(
-        "rpc-worker", help="run an rpc-server worker in the foreground until Ctrl-C or SIGTERM (no authentication)"
+        "rpc-worker",
+        help="run an rpc-server worker in the foreground until Ctrl-C or SIGTERM (no authentication)",
+        description="Run llama.cpp's rpc-server, a worker that a llama-server elsewhere uses with --rpc "
+        "HOST:PORT (RpcCluster), until Ctrl-C or SIGTERM. It has no authentication: listen on a private "
+        "network only. It serves one llama-server at a time.",
     )
     worker.add_argument("--executable", help="the rpc-server to run (default: found beside llama-server)")
-    worker.add_argument("--host", default="127.0.0.1", help="the address to listen on (only ever a private network)")
+    worker.add_argument(
+        "--host", default="127.0.0.1",
+        help="the IPv4 address to listen on (default: 127.0.0.1, this machine only; for other hosts, this "
+        "machine's address on a private network)",
+    )  # fmt: skip
     worker.add_argument("--port", type=int, default=50052, help="the port to listen on (default: 50052)")
-    worker.add_argument("--threads", "-t", type=int, default=None, help="CPU backend threads (default: rpc-server's)")
+    worker.add_argument("--threads", "-t", type=int, default=None, help="CPU backend threads (rpc-server's default: 1)")
     worker.add_argument("--device", "-d", default=None, help="the devices to serve, comma-separated (default: all)")
     worker.add_argument("--cache", "-c", action="store_true", help="keep received tensors in a local file cache")
     worker.add_argument("--mem", type=int, default=None, help="backend memory to report, in MB (builds with --mem)")
@@ -406,7 +414,10 @@ def _cmd_rpc_worker(ns: argparse.Namespace, out: TextIO) -> int:
         while not stop.is_set():
             if not worker.is_running():
                 code = worker.stop()
-                out.write(f"rpc-server exited by itself with status {code}\n")
+                last = worker.log_tail(5)
+                out.write(
+                    f"rpc-server exited by itself with status {code}" + (": " + " | ".join(last) if last else "") + "\n"
+                )
                 return 1
             stop.wait(0.2)
     except KeyboardInterrupt:
@@ -414,7 +425,7 @@ def _cmd_rpc_worker(ns: argparse.Namespace, out: TextIO) -> int:
     finally:
         code = worker.stop() if code is None else code
         signal.signal(signal.SIGTERM, previous)
-    out.write(f"stopped (status {code})\n")
+    out.write("stopped\n" if code in (0, -signal.SIGTERM) else f"stopped (status {code})\n")
     return 0
 
 

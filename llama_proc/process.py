@@ -379,6 +379,8 @@ class ServerProcess:
     :param log_lines: how many recent output lines :meth:`log_tail` keeps.
     :param stop_timeout: seconds between SIGTERM and SIGKILL when the finalizer stops it.
     :param logger: where the output lines go (default: ``llama_proc.server``).
+    :param ignore_sigpipe: start the child with SIGPIPE ignored, as Python runs (for a server that
+        writes to sockets without guarding against a client that went away).
     """
 
     def __init__(
@@ -392,6 +394,7 @@ class ServerProcess:
         pass_fds: Sequence[int] = (),
         expected_warnings: Sequence[str] = (),
         logger: logging.Logger | None = None,
+        ignore_sigpipe: bool = False,
     ) -> None:
         self.argv = list(argv)
         self._pass_fds = tuple(pass_fds)
@@ -401,6 +404,7 @@ class ServerProcess:
         self._activity.expected = tuple(expected_warnings)
         if logger is not None:
             self._activity.logger = logger
+        self._ignore_sigpipe = ignore_sigpipe
         self._stop_timeout = stop_timeout
         self._popen: subprocess.Popen[bytes] | None = None
         self._pumps: list[threading.Thread] = []
@@ -447,6 +451,7 @@ class ServerProcess:
                 cwd=self._cwd,
                 close_fds=True,
                 pass_fds=self._pass_fds,
+                restore_signals=not self._ignore_sigpipe,
                 **kwargs,  # type: ignore[call-overload]
             )
         except PermissionError as exc:

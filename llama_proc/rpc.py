@@ -115,8 +115,8 @@ def _is_ipv4(host: str) -> bool:
 
 def _split(address: str) -> tuple[str, int]:
     host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError([f"rpc worker: expected host:port, got {address!r}"])
+    if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError([f"rpc worker: expected host:port (10.0.0.5:50052), got {address!r}"])
     return host.strip("[]"), int(port)
 
 
@@ -137,6 +137,27 @@ def _probe(host: str, port: int, timeout: float, abort: threading.Event | None =
                 return "the wait was aborted"
         except OSError as exc:
             return exc.strerror or str(exc)
+
+
+def _idle(host: str, port: int, timeout: float, abort: threading.Event | None = None) -> bool:
+    """Whether the rpc-server at ``host:port`` takes a new client now: it accepts a connection that
+    sends nothing and closes it at once. One that serves another client leaves the connection
+    unaccepted (rpc-server serves one client at a time), and this waits ``timeout`` in vain."""
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((connect_host(host), port), timeout=timeout) as sock:
+            sock.shutdown(socket.SHUT_WR)  # no request: rpc-server reads the end and closes
+            while True:
+                sock.settimeout(min(0.5, max(deadline - time.monotonic(), 0.001)))
+                try:
+                    return sock.recv(1) == b""
+                except socket.timeout:
+                    if time.monotonic() >= deadline or (abort is not None and abort.is_set()):
+                        return False
+    except ConnectionResetError:
+        return True  # it accepted, and closed with a reset
+    except OSError:
+        return False
 
 
 class RpcWorker:
@@ -172,6 +193,13 @@ class RpcWorker:
         env: dict[str, str] | None = None,
     ) -> None:
         problems = []
+        if not isinstance(host, str):
+            raise ConfigError(
+                [f"host: expected an IPv4 address as a string, got {host!r} (the first argument is the executable)"]
+            )
+        for name, value in (("port", port), ("threads", threads), ("mem", mem)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError([f"{name}: expected an integer, got {value!r}"])
         if port is not None and not 0 < port < 65536:
             problems.append(f"port: must be between 1 and 65535, got {port}")
         if threads is not None and threads < 1:
@@ -197,6 +225,7 @@ class RpcWorker:
         self._env = env
         self._attached = False
         self._proc: ServerProcess | None = None
+        self._last: ServerProcess | None = None  # the stopped one, for its last lines
         self._owner = 0
         self._abort = threading.Event()
         self._lock = threading.RLock()
@@ -251,7 +280,7 @@ class RpcWorker:
     def log_tail(self, n: int = 20) -> list[str]:
         """The worker's last ``n`` output lines (rpc-server writes most of them when it exits: it
         buffers its standard output in a pipe)."""
-        proc = self._proc
+        proc = self._proc or self._last
         return proc.log_tail(n) if proc is not None else []
 
     def check(self, timeout: float = DEFAULT_CONNECT_TIMEOUT, abort: threading.Event | None = None) -> None:
@@ -264,6 +293,18 @@ class RpcWorker:
             raise StartupAborted(f"the check of RPC worker {self.address} was aborted", None, [])
         if why is not None:
             raise RpcWorkerUnreachable(self.address, why)
+
+    def check_idle(self, timeout: float = DEFAULT_CONNECT_TIMEOUT, abort: threading.Event | None = None) -> None:
+        """:raises RpcWorkerError: naming this worker, when it does not take a new client within
+        ``timeout``: an rpc-server serves one llama-server at a time."""
+        if self._port is None:
+            raise RpcWorkerError(f"{self.host}:?", "not started")
+        if not _idle(self.host, self._port, timeout, abort) and not (abort is not None and abort.is_set()):
+            raise RpcWorkerError(
+                self.address,
+                f"accepts connections but took no new client within {timeout:g} s: it serves another "
+                "llama-server (an rpc-server serves one at a time); stop that one, or run another worker",
+            )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -324,7 +365,16 @@ class RpcWorker:
             env = {**os.environ, **self._env} if self._env else None
             env = library_env(executable, env) or env
             _log.info("starting %s", " ".join(argv))
-            proc = ServerProcess(argv, env=env, log_lines=self._log_lines, stop_timeout=self.stop_timeout, logger=_log)
+            # SIGPIPE ignored: rpc-server writes to its client's socket unguarded, and a llama-server
+            # that goes away mid-answer would otherwise kill the worker
+            proc = ServerProcess(
+                argv,
+                env=env,
+                log_lines=self._log_lines,
+                stop_timeout=self.stop_timeout,
+                logger=_log,
+                ignore_sigpipe=True,
+            )
             proc.start()
             self._proc = proc
             self._owner = os.getpid()
@@ -382,6 +432,7 @@ class RpcWorker:
         self._abort.set()
         with self._lock:
             proc, self._proc = self._proc, None
+            self._last = proc or self._last
             _owned_workers.discard(self)
         if proc is None:
             return None
@@ -527,6 +578,7 @@ class RpcCluster(Endpoints):
                     if worker.attached:
                         self._check_abort()
                         worker.check(self._connect_timeout, self._abort)
+                        worker.check_idle(self._connect_timeout, self._abort)
                 for worker, proc in launched:
                     worker._await(proc, self._abort)
                 self._check_abort()
@@ -667,6 +719,13 @@ class _ClusterServer(LlamaServer):
     def __init__(self, cluster: RpcCluster, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cluster = weakref.ref(cluster)
+
+    def _error_hint(self) -> str:
+        # a broken call or stream: name the lost worker when that is why llama-server ended
+        hint = super()._error_hint()
+        cluster = self._cluster()
+        lost = cluster._lost_worker() if cluster is not None and hint else None
+        return f"{lost} {hint}" if lost is not None else hint
 
     def _restart(self) -> str:
         cluster = self._cluster()

@@ -79,6 +79,10 @@ def test_worker_starts_listens_and_stops(rpc_exe: Path) -> None:
         assert worker.pid in _rpc_children() and worker.is_running()
         # ready means its own log says it accepted a connection, not just that the port is open
         assert any("Accepted client connection" in line for line in worker.log_tail(50))
+        # SIGPIPE ignored: a client that vanishes mid-answer must not kill the worker
+        with open(f"/proc/{worker.pid}/status") as fh:
+            ignored = int(next(line for line in fh if line.startswith("SigIgn:")).split()[1], 16)
+        assert ignored & (1 << (signal.SIGPIPE - 1))
         worker.check(1.0)
         assert RpcWorker.attach(worker.address).is_running()
         pid = worker.pid
@@ -301,7 +305,7 @@ def test_a_cluster_over_two_hosts(llama_exe: Path, rpc_exe: Path, tiny_model: Pa
         assert cluster.pid is None
     finally:
         codes = [w.stop() for w in remote]
-    assert codes[0] == (0, codes[0][1]) and "stopped (status" in codes[0][1]  # SIGTERM stops it cleanly
+    assert codes[0] == (0, "stopped\n")  # SIGTERM stops it cleanly
     assert codes[1][0] == 1 and "exited by itself" in codes[1][1], codes  # its rpc-server was killed
     assert all(pids_in(h.name) == [] for h in hosts)
 
@@ -362,3 +366,45 @@ def test_shared_server_manager_and_stop_all_take_clusters(llama_exe: Path, rpc_e
         assert _rpc_children() == []
         assert manager.chat_completions({**CHAT, "model": "big"})["choices"]  # and loads it again
     assert _rpc_children() == []
+
+
+def test_a_busy_worker_is_named_and_survives_a_client_that_gives_up(
+    llama_exe: Path, rpc_exe: Path, tiny_model: Path
+) -> None:
+    from llama_proc import LlamaServer
+
+    worker = RpcWorker(rpc_exe)
+    worker.start()  # the worker outlives the clusters that use it
+    with RpcCluster(_args(tiny_model), [worker], executable=llama_exe) as first:
+        second = RpcCluster(_args(tiny_model), [worker.address], executable=llama_exe, connect_timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(RpcWorkerError, match=re.escape(f"RPC worker {worker.address}: ") + ".*serves another"):
+            second.start()
+        assert time.monotonic() - started < 3
+        # a llama-server started by hand on the busy worker waits, times out and is killed: the
+        # worker, whose socket to it breaks, lives on (rpc-server runs with SIGPIPE ignored)
+        by_hand = LlamaServer(llama_exe, _args(tiny_model).evolve(rpc=(worker.address,)), startup_timeout=2)
+        with pytest.raises(StartupError):
+            by_hand.start()
+        assert first.chat_completions(CHAT)["choices"]
+    # stopping the first client lets the worker take the dead one's queued connection
+    try:
+        time.sleep(1.0)
+        assert worker.is_running(), worker.log_tail()
+        with RpcCluster(_args(tiny_model), [worker.address], executable=llama_exe) as third:
+            assert third.chat_completions(CHAT)["choices"]
+    finally:
+        worker.stop()
+
+
+def test_a_worker_lost_mid_stream_is_named(llama_exe: Path, rpc_exe: Path, tiny_model: Path) -> None:
+    from llama_proc import APIConnectionError
+
+    workers = [RpcWorker(rpc_exe), RpcWorker(rpc_exe)]
+    with RpcCluster(_args(tiny_model), workers, executable=llama_exe) as cluster:
+        stream = cluster.chat_completions({**CHAT, "max_tokens": 2000}, stream=True)
+        with pytest.raises(APIConnectionError) as info, stream:
+            for n, _chunk in enumerate(stream):
+                if n == 3:
+                    os.kill(workers[1].pid or 0, signal.SIGKILL)
+        assert f"RPC worker {workers[1].address}: its rpc-server (pid" in str(info.value)
