@@ -689,14 +689,20 @@ class RpcCluster(Endpoints):
             proc.wait(1.0)  # the call broke as the process died: give it a moment to be reaped
         if proc.is_running() and not server._supervisor.restarting:
             return None
-        for worker in self._workers:
-            if not worker.attached:
-                if worker.pid is not None and not worker.is_running():
+        local = [w for w in self._workers if not w.attached and w.pid is not None]
+        deadline = time.monotonic() + 1.0  # a killed worker's sockets close before it is reaped
+        while True:
+            for worker in local:
+                if not worker.is_running():
                     return RpcWorkerError(worker.address, f"its rpc-server (pid {worker.pid}) is gone")
-                continue
-            why = _probe(worker.host, worker.port or 0, min(self._connect_timeout, 1.0))
-            if why is not None:
-                return RpcWorkerError(worker.address, f"lost ({why})")
+            if time.monotonic() > deadline or not local:
+                break
+            time.sleep(0.02)
+        for worker in self._workers:
+            if worker.attached:
+                why = _probe(worker.host, worker.port or 0, min(self._connect_timeout, 1.0))
+                if why is not None:
+                    return RpcWorkerError(worker.address, f"lost ({why})")
         return None
 
     def _call(
