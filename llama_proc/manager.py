@@ -254,7 +254,7 @@ class ServerManager:
         """
         cluster = None
         if isinstance(args, RpcCluster):
-            cluster, parsed = args, args.get_server_args()
+            cluster, parsed = args, args._args  # as given, not a running server's fixed port and key
         elif isinstance(args, LlamaServerArgs):
             parsed = args
         else:

@@ -379,8 +379,9 @@ class ServerProcess:
     :param log_lines: how many recent output lines :meth:`log_tail` keeps.
     :param stop_timeout: seconds between SIGTERM and SIGKILL when the finalizer stops it.
     :param logger: where the output lines go (default: ``llama_proc.server``).
-    :param ignore_sigpipe: start the child with SIGPIPE ignored, as Python runs (for a server that
-        writes to sockets without guarding against a client that went away).
+    :param ignore_sigpipe: leave the child this process's SIGPIPE action instead of the default:
+        ignored, as Python sets it unless the application changed it (for a server that writes to
+        sockets without guarding against a client that went away).
     """
 
     def __init__(

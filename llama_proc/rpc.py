@@ -20,11 +20,13 @@ import functools
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import subprocess
 import threading
 import time
 import weakref
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -59,6 +61,8 @@ _log = logging.getLogger("llama_proc.rpc")
 DEFAULT_RPC_PORT = 50052
 #: Seconds to wait for a worker to accept a connection (at start, and when checking a cluster's workers).
 DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Seconds a worker whose port is open has to log that it accepted the check's connection.
+_LOG_GRACE = 2.0
 
 
 _owned_workers: weakref.WeakSet[RpcWorker] = weakref.WeakSet()
@@ -69,7 +73,7 @@ def stop_clusters() -> list[int | None]:
     """Stop every RPC cluster this process started, each server before its workers
     (:func:`~llama_proc.stop_all` calls it first); returns the servers' exit codes."""
     pid = os.getpid()
-    return [c.stop() for c in list(_running_clusters) if c._server is not None and c._server._start_pid == pid]
+    return [c.stop() for c in list(_running_clusters) if c._start_pid == pid]
 
 
 def stop_workers() -> list[int | None]:
@@ -362,8 +366,13 @@ class RpcWorker:
                 )
             executable = self.executable
             argv = [str(executable), *self.to_args()]
-            env = {**os.environ, **self._env} if self._env else None
+            env = {**os.environ, "GGML_NO_BACKTRACE": "1", **(self._env or {})}  # an abort: no debugger run
             env = library_env(executable, env) or env
+            if signal.getsignal(signal.SIGPIPE) is not signal.SIG_IGN:
+                _log.warning(
+                    "SIGPIPE is not ignored in this process, so rpc-server inherits its default action and a "
+                    "client that goes away mid-answer can kill it; keep Python's default (ignored)"
+                )
             _log.info("starting %s", " ".join(argv))
             # SIGPIPE ignored: rpc-server writes to its client's socket unguarded, and a llama-server
             # that goes away mid-answer would otherwise kill the worker
@@ -400,7 +409,7 @@ class RpcWorker:
         buffers its output in the pipe; accepting a client makes it write the lines out."""
         assert self._port is not None
         deadline = time.monotonic() + self.startup_timeout
-        connected = False
+        connected_at: float | None = None
         while True:
             if self._abort.is_set() or (abort is not None and abort.is_set()):
                 raise StartupAborted("stop() was called while the rpc-server was starting", None, proc.log_tail())
@@ -408,10 +417,15 @@ class RpcWorker:
                 code = proc.wait(1.0)
                 proc.stop(0)  # joins the pumps: the last lines are in the tail
                 raise StartupError(f"rpc-server exited with status {code} while starting", code, proc.log_tail())
-            if not connected:
-                connected = _probe(self.host, self._port, 1.0) is None
-            if connected:
+            if connected_at is None and _probe(self.host, self._port, 1.0) is None:
+                connected_at = time.monotonic()
+            if connected_at is not None:
                 if any("Accepted client connection" in line for line in proc.log_tail(50)):
+                    return
+                if time.monotonic() - connected_at > _LOG_GRACE:
+                    # a build that logs otherwise (or keeps it buffered): the port is open and this
+                    # rpc-server still runs, which it would not if another process held the port
+                    _log.debug("rpc-server pid %s: no log line about the connection; taking the open port", proc.pid)
                     return
                 proc.wait_activity(0.05)
                 continue
@@ -427,7 +441,7 @@ class RpcWorker:
         """Stop rpc-server: SIGTERM, then SIGKILL after ``timeout`` (default ``stop_timeout``); a
         start() still waiting for it raises ``StartupAborted``. Idempotent; nothing to do for an
         attached worker, or in a forked child. :returns: the exit code."""
-        if self._owner != os.getpid():
+        if self._owner not in (0, os.getpid()):
             return None  # a forked copy: the worker is its parent's
         self._abort.set()
         with self._lock:
@@ -496,12 +510,14 @@ class RpcCluster(Endpoints):
         self._executable = executable
         self._restart = restart
         self._options = server_options
-        self._server: LlamaServer | None = None
-        self._pending: LlamaServer | None = None  # the server of a start() in progress
+        self._server: _ClusterServer | None = None
+        self._pending: _ClusterServer | None = None  # the server of a start() in progress
         self._lock = threading.RLock()
         self._workers_lock = threading.Lock()  # restarts of lost workers vs stopping them
         self._stopping = False
         self._abort = threading.Event()  # set by stop(): a start() in progress gives up
+        self._stops = 0  # stop() calls so far: a start() that waited for the lock checks it
+        self._start_pid = 0
         #: Start on the first call (as :func:`~llama_proc.shared_server` sets it).
         self.autostart = autostart
 
@@ -558,12 +574,19 @@ class RpcCluster(Endpoints):
             ``connect_timeout`` (nothing is left running).
         :raises StartupError: when a worker or the server cannot be started.
         """
+        stops = self._stops
+        self._start_pid = os.getpid()
+        _running_clusters.add(self)  # stop_all() sees it from now on, and aborts the start
         with self._lock:
             if self._server is not None and self._server.is_running():
                 return
             if self._server is not None:  # crashed, or given up on: stopped for good before the new one
                 self._server.stop()
                 self._server = None
+            if self._stops != stops:  # stop() came before the lock was ours
+                if self._server is None:
+                    _running_clusters.discard(self)
+                raise StartupAborted("stop() was called while the RPC cluster was starting", None, [])
             self._stopping = False
             self._abort.clear()
             try:
@@ -597,13 +620,14 @@ class RpcCluster(Endpoints):
             except BaseException:
                 self._pending = None
                 self._stop_workers()
+                _running_clusters.discard(self)
                 raise
             self._pending = None
             self._server = server
-            _running_clusters.add(self)
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop the server, then the workers this cluster started. :returns: the server's exit code."""
+        self._stops += 1
         self._stopping = True  # a restart waiting for workers gives up, and starts none again
         self._abort.set()  # a start() in progress gives up
         pending = self._pending
@@ -637,10 +661,12 @@ class RpcCluster(Endpoints):
                         if not worker.attached and worker in self._started_here and not worker.is_running():
                             _log.warning("rpc-server %s is gone; starting it again", worker.address)
                             worker.stop(0)
-                            worker.start()
+                            proc = worker._launch()
+                            if proc is not None:
+                                worker._await(proc, self._abort)  # stop() sets it: no waiting for the start
                     worker.check(min(self._connect_timeout, 1.0))
                 except (RpcWorkerError, StartupError) as exc:
-                    lost = exc if isinstance(exc, RpcWorkerError) else RpcWorkerError(worker.address, str(exc))
+                    lost = exc if isinstance(exc, RpcWorkerError) else RpcWorkerError(worker.address, exc.reason)
                     break
             if lost is None:
                 return
@@ -679,8 +705,8 @@ class RpcCluster(Endpoints):
 
     def _lost_worker(self) -> RpcWorkerError | None:
         """When the llama-server has exited on its own (it aborts when it loses a worker): the
-        first worker that is gone, as the error that names it. Workers run here are asked for
-        their process; remote ones get one short connection attempt each."""
+        worker that is gone, as the error that names it (the one found as the process exited, if
+        a restart has begun since)."""
         server = self._server
         proc = server.process if server is not None else None
         if server is None or proc is None or not proc.owned:
@@ -689,8 +715,14 @@ class RpcCluster(Endpoints):
             proc.wait(1.0)  # the call broke as the process died: give it a moment to be reaped
         if proc.is_running() and not server._supervisor.restarting:
             return None
+        return server.lost_by.get(proc) or self._find_lost()
+
+    def _find_lost(self) -> RpcWorkerError | None:
+        """The first worker that is gone: workers run here are asked for their process (for up to
+        a second: a killed one's sockets close before it is reaped); remote ones get one short
+        connection attempt each."""
         local = [w for w in self._workers if not w.attached and w.pid is not None]
-        deadline = time.monotonic() + 1.0  # a killed worker's sockets close before it is reaped
+        deadline = time.monotonic() + 1.0
         while True:
             for worker in local:
                 if not worker.is_running():
@@ -708,15 +740,22 @@ class RpcCluster(Endpoints):
     def _call(
         self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Any = ...
     ) -> requests.Response:
+        started = time.monotonic()
         try:
             return super()._call(method, path, body, stream=stream, timeout=timeout)
         except (APIConnectionError, ServerNotRunning, ServerNotReady) as exc:
             if isinstance(exc, APITimeoutError):
                 raise  # the server is there and slow: not a lost worker
-            lost = self._lost_worker()
+            lost = self._lost_worker() or self._lost_since(started)
             if lost is not None:
                 raise lost from exc
             raise
+
+    def _lost_since(self, since: float) -> RpcWorkerError | None:
+        """A worker loss recorded after ``since`` (the server may already be back)."""
+        server = self._server
+        recent = [lost for when, lost in (server.losses if server is not None else ()) if when >= since]
+        return recent[-1] if recent else None
 
 
 class _ClusterServer(LlamaServer):
@@ -725,16 +764,35 @@ class _ClusterServer(LlamaServer):
     def __init__(self, cluster: RpcCluster, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cluster = weakref.ref(cluster)
+        #: The worker whose loss ended a process, found as the process exited.
+        self.lost_by: weakref.WeakKeyDictionary[ServerProcess, RpcWorkerError] = weakref.WeakKeyDictionary()
+        #: (when, which) of the recent losses, for calls that broke before a restart was done.
+        self.losses: deque[tuple[float, RpcWorkerError]] = deque(maxlen=8)
 
-    def _error_hint(self) -> str:
-        # a broken call or stream: name the lost worker when that is why llama-server ended
-        hint = super()._error_hint()
+    def _on_exit(self, proc: ServerProcess, code: int | None) -> None:
+        # found now, before a restart starts the worker again, so that a caller whose call broke on
+        # this process (on another thread, maybe later) can still be told which worker was lost
         cluster = self._cluster()
-        lost = cluster._lost_worker() if cluster is not None and hint else None
-        return f"{lost} {hint}" if lost is not None else hint
+        if cluster is not None and proc is self._proc and proc.exited_on_its_own:
+            lost = cluster._find_lost()
+            if lost is not None:
+                self.lost_by[proc] = lost
+                self.losses.append((time.monotonic(), lost))
+        super()._on_exit(proc, code)
 
     def _restart(self) -> str:
         cluster = self._cluster()
         if cluster is not None:
             cluster._await_workers(self._supervisor.stop_requested)
         return super()._restart()
+
+    def _error_hint_of(self, proc: ServerProcess | None) -> str:
+        # a broken call or stream: name the lost worker when that is why its llama-server ended
+        hint = super()._error_hint_of(proc)
+        lost = self.lost_by.get(proc) if proc is not None else None
+        if lost is None and hint and proc is self._proc:
+            cluster = self._cluster()
+            lost = cluster._find_lost() if cluster is not None else None
+        if lost is None:
+            return hint
+        return f"{lost} {hint}" if hint else str(lost)

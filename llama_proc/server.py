@@ -7,6 +7,7 @@ Readiness lives in :mod:`llama_proc.readiness`, supervision and restarts in
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import os
@@ -505,7 +506,9 @@ class LlamaServer(Endpoints):
                     api_key=args.api_key,
                     timeout=self._request_timeout,
                     pool_maxsize=pool_size,
-                    error_hint=self._error_hint,
+                    # bound to this process: a call that broke on it is told how it ended, even once a
+                    # restart has replaced it
+                    error_hint=functools.partial(self._error_hint_of, proc),
                 )
                 wait_ready(proc, client, self._startup_timeout, self._abort)
             except PortTaken:
@@ -659,9 +662,11 @@ class LlamaServer(Endpoints):
         return f"pid {self.pid} at {self.base_url}{note}"
 
     def _error_hint(self) -> str:
+        return self._error_hint_of(self._proc)
+
+    def _error_hint_of(self, proc: ServerProcess | None) -> str:
         # only on the error path: a connection that broke often means the process is dying; give it a
         # moment to be reaped (a killed multi-threaded process is) so the error can say how it ended
-        proc = self._proc
         if proc is None or not proc.owned:
             return ""
         code = proc.returncode

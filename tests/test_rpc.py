@@ -175,7 +175,7 @@ def test_calls_outside_a_run_and_slow_answers_are_not_blamed_on_workers(
     with cluster:
         for _ in range(4):  # each failed call leaves the single-client worker alone
             with pytest.raises(APITimeoutError):
-                cluster.chat_completions({**CHAT, "max_tokens": 64}, timeout=(5, 0.001))
+                cluster.chat_completions({**CHAT, "max_tokens": 2000, "ignore_eos": True}, timeout=(5, 0.001))
         assert cluster.chat_completions(CHAT)["choices"]
     with pytest.raises(ServerNotRunning):
         cluster.chat_completions(CHAT)
@@ -196,7 +196,10 @@ def test_stop_interrupts_a_start(llama_exe: Path, tiny_model: Path, hosts: list[
 
     thread = threading.Thread(target=start)
     thread.start()
-    time.sleep(0.3)
+    from llama_proc.rpc import _running_clusters
+
+    assert wait_until(lambda: cluster in _running_clusters, 5)  # the start is under way
+    time.sleep(0.2)
     started = time.monotonic()
     cluster.stop()
     thread.join(30)
