@@ -533,6 +533,7 @@ class LlamaServer(Endpoints):
                 self._check_abort()  # stop() came as it became ready: it was stopped, not started
                 proc.batch_output()  # up: from now on the server's speed matters more than a log line's latency
                 self._proc = proc
+                _ready_processes.add(proc)
                 _owned_servers.add(self)
                 self._running_args = args
                 self._stopped = False
@@ -666,8 +667,9 @@ class LlamaServer(Endpoints):
 
     def _error_hint_of(self, proc: ServerProcess | None) -> str:
         # only on the error path: a connection that broke often means the process is dying; give it a
-        # moment to be reaped (a killed multi-threaded process is) so the error can say how it ended
-        if proc is None or not proc.owned:
+        # moment to be reaped (a killed multi-threaded process is) so the error can say how it ended.
+        # Not while it starts: readiness polls are refused until it listens, and must not wait.
+        if proc is None or not proc.owned or proc not in _ready_processes:
             return ""
         code = proc.returncode
         if code is None:
@@ -740,6 +742,8 @@ def _sized(args: LlamaServerArgs) -> tuple[int | None, int]:
 
 
 _owned_servers: weakref.WeakSet[LlamaServer] = weakref.WeakSet()
+#: Server processes that became ready (an error hint waits for one to end, never for one starting).
+_ready_processes: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
 
 #: llama-server's start-up warning about running without an API key (logged at INFO on loopback).
 _NO_KEY_WARNING = ("no API key is set",)
