@@ -16,10 +16,12 @@ on loopback or a private network; binding one elsewhere logs a warning.
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -124,44 +126,76 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _probe(host: str, port: int, timeout: float, abort: threading.Event | None = None) -> str | None:
-    """None when ``host:port`` accepts a TCP connection within ``timeout``, else why not. (rpc-server
-    takes one client at a time; a connection it has not accepted yet still completes in the kernel.)
-    Tried in attempts of at most half a second, so that ``abort`` ends a wait for a silent host."""
-    deadline = time.monotonic() + timeout
-    while True:
-        attempt = min(0.5, max(deadline - time.monotonic(), 0.001))
-        try:
-            with socket.create_connection((connect_host(host), port), timeout=attempt):
-                return None
-        except socket.timeout:
-            if time.monotonic() >= deadline:
+def _connect(host: str, port: int, timeout: float, abort: threading.Event | None) -> socket.socket | str:
+    """A connected socket to ``host:port``, or why there is none: one connection attempt, waited
+    for in slices of at most half a second so that ``abort`` ends a wait for a silent host."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(connect_host(host), port, type=socket.SOCK_STREAM)[0]
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    sock = socket.socket(family, kind, proto)
+    connected = False
+    try:
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        deadline = time.monotonic() + timeout
+        while error in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return f"no connection within {timeout:g} s"
             if abort is not None and abort.is_set():
                 return "the wait was aborted"
-        except OSError as exc:
-            return exc.strerror or str(exc)
+            _, writable, _ = select.select([], [sock], [], min(0.5, left))
+            if writable:
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            return os.strerror(error)
+        sock.setblocking(True)
+        connected = True
+        return sock
+    finally:
+        if not connected:
+            sock.close()
 
 
-def _idle(host: str, port: int, timeout: float, abort: threading.Event | None = None) -> bool:
-    """Whether the rpc-server at ``host:port`` takes a new client now: it accepts a connection that
-    sends nothing and closes it at once. One that serves another client leaves the connection
-    unaccepted (rpc-server serves one client at a time), and this waits ``timeout`` in vain."""
+def _probe(host: str, port: int, timeout: float, abort: threading.Event | None = None) -> str | None:
+    """None when ``host:port`` accepts a TCP connection within ``timeout``, else why not. (rpc-server
+    takes one client at a time; a connection it has not accepted yet still completes in the kernel.)"""
+    sock = _connect(host, port, timeout, abort)
+    if isinstance(sock, str):
+        return sock
+    sock.close()
+    return None
+
+
+def _busy(host: str, port: int, timeout: float, abort: threading.Event | None = None) -> str | None:
+    """None when the rpc-server at ``host:port`` takes a new client now (it accepts a connection
+    that sends nothing and closes it at once), else why not. One that serves another client leaves
+    the connection unaccepted (rpc-server serves one client at a time): nothing comes in ``timeout``."""
     deadline = time.monotonic() + timeout
-    try:
-        with socket.create_connection((connect_host(host), port), timeout=timeout) as sock:
+    sock = _connect(host, port, timeout, abort)
+    if isinstance(sock, str):
+        return sock
+    with sock:
+        try:
             sock.shutdown(socket.SHUT_WR)  # no request: rpc-server reads the end and closes
             while True:
                 sock.settimeout(min(0.5, max(deadline - time.monotonic(), 0.001)))
                 try:
-                    return sock.recv(1) == b""
+                    sock.recv(1)
+                    return None  # closed by the worker (or an answer): it took the client
                 except socket.timeout:
-                    if time.monotonic() >= deadline or (abort is not None and abort.is_set()):
-                        return False
-    except ConnectionResetError:
-        return True  # it accepted, and closed with a reset
-    except OSError:
-        return False
+                    if abort is not None and abort.is_set():
+                        return "the wait was aborted"
+                    if time.monotonic() >= deadline:
+                        return (
+                            f"accepts connections but took no new client within {timeout:g} s: it serves another "
+                            "llama-server (an rpc-server serves one at a time); stop that one, or run another worker"
+                        )
+        except ConnectionResetError:
+            return None  # it accepted, and closed with a reset
+        except OSError as exc:
+            return exc.strerror or str(exc)
 
 
 class RpcWorker:
@@ -300,15 +334,15 @@ class RpcWorker:
 
     def check_idle(self, timeout: float = DEFAULT_CONNECT_TIMEOUT, abort: threading.Event | None = None) -> None:
         """:raises RpcWorkerError: naming this worker, when it does not take a new client within
-        ``timeout``: an rpc-server serves one llama-server at a time."""
+        ``timeout`` (an rpc-server serves one llama-server at a time), or cannot be reached.
+        :raises StartupAborted: when ``abort`` is set meanwhile."""
         if self._port is None:
             raise RpcWorkerError(f"{self.host}:?", "not started")
-        if not _idle(self.host, self._port, timeout, abort) and not (abort is not None and abort.is_set()):
-            raise RpcWorkerError(
-                self.address,
-                f"accepts connections but took no new client within {timeout:g} s: it serves another "
-                "llama-server (an rpc-server serves one at a time); stop that one, or run another worker",
-            )
+        why = _busy(self.host, self._port, timeout, abort)
+        if abort is not None and abort.is_set():
+            raise StartupAborted(f"the check of RPC worker {self.address} was aborted", None, [])
+        if why is not None:
+            raise RpcWorkerError(self.address, why)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
