@@ -1,0 +1,128 @@
+"""llama-server replicas on Ray Serve: a real Ray cluster of a head and two worker nodes on this
+machine, real llama-servers on the tiny model, reached through Serve's HTTP proxy and a handle."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from llama_proc import LlamaServerArgs
+
+from .conftest import wait_until
+
+pytestmark = pytest.mark.integration
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'llama-proc[ray]')")
+
+
+def _llama_servers() -> list[int]:
+    """Pids of llama-server processes of this user on this machine (replicas run in Ray workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as fh:
+                    if fh.read().strip() == "llama-server":
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def serve_url(llama_exe: Path, tiny_model: Path) -> Iterator[tuple[str, Any]]:
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from llama_proc.ray import deployment
+
+    before = set(_llama_servers())
+    store = 80 * 1024 * 1024
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": store})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, object_store_memory=store)
+    except Exception as exc:
+        pytest.skip(f"Ray cannot start a local cluster here: {exc}")
+    port = _free_port()
+    try:
+        ray.init(address=cluster.address, runtime_env={"env_vars": {"LLAMA_SERVER_PATH": str(llama_exe)}})
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = LlamaServerArgs(model=tiny_model, n_ctx=256, embeddings=True, pooling="mean")
+        handle = serve.run(deployment(args, num_replicas=2, ray_actor_options={"num_cpus": 0.5}), route_prefix="/")
+        assert wait_until(lambda: _answers(f"http://127.0.0.1:{port}/health"), 60)
+        yield f"http://127.0.0.1:{port}", handle
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+        assert wait_until(lambda: set(_llama_servers()) <= before, 30), "llama-servers left after shutdown"
+
+
+def _answers(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_openai_sdk_through_the_serve_proxy(serve_url: tuple[str, Any]) -> None:
+    import openai
+
+    url, _ = serve_url
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert reply.choices[0].message.content is not None and reply.usage and reply.usage.completion_tokens > 0
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+        )
+    )
+    assert len(chunks) >= 2 and any(c.choices and c.choices[0].delta.content for c in chunks)
+    vectors = client.embeddings.create(model="tiny", input=["a", "b"])
+    assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 64
+
+
+def test_errors_keep_their_status_and_unknown_paths_are_404(serve_url: tuple[str, Any]) -> None:
+    import requests
+
+    url, _ = serve_url
+    bad = requests.post(url + "/v1/chat/completions", data=b"{not json", timeout=30)
+    assert bad.status_code == 400 and "error" in bad.json()
+    assert requests.get(url + "/props", timeout=10).status_code == 404
+
+
+def test_a_handle_gives_the_same_dicts(serve_url: tuple[str, Any]) -> None:
+    from llama_proc.ray import ServeClient
+
+    _, handle = serve_url
+    client = ServeClient(handle)
+    reply = client.chat_completions({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert reply["object"] == "chat.completion" and reply["choices"]
+    chunks = list(
+        client.chat_completions({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, stream=True)
+    )
+    assert chunks and chunks[0]["object"] == "chat.completion.chunk"
+    assert client.tokenize("hello")["tokens"]
+
+
+def test_both_replicas_serve(serve_url: tuple[str, Any]) -> None:
+    _, handle = serve_url
+    seen = set()
+    deadline = time.monotonic() + 60
+    while len(seen) < 2 and time.monotonic() < deadline:
+        seen.add(handle.server_address.remote().result()[0])
+    assert len(seen) == 2  # two replicas, two llama-servers
