@@ -85,6 +85,8 @@ class LlamaReplica:
         self.server.start()
         if args.api_key == "auto":
             self._api_key = self.server.api_key
+        #: Which replica answered (its process id), on every relayed answer.
+        self._tag = {"X-Llama-Proc-Replica": str(os.getpid())}
         _log.info("replica pid %s: llama-server pid %s at %s", os.getpid(), self.server.pid, self.server.base_url)
 
     async def __call__(self, request: Any) -> Any:
@@ -116,12 +118,12 @@ class LlamaReplica:
                 finally:
                     response.close()
 
-            return StreamingResponse(relay(), status_code=response.status_code, media_type=media)
+            return StreamingResponse(relay(), status_code=response.status_code, media_type=media, headers=self._tag)
         try:
             content = await asyncio.to_thread(lambda: response.content)
         finally:
             response.close()
-        return Response(content, status_code=response.status_code, media_type=media)
+        return Response(content, status_code=response.status_code, media_type=media, headers=self._tag)
 
     def check_health(self) -> None:
         """Ray's health check: llama-server answers ``/health`` (else Ray replaces the replica)."""

@@ -126,3 +126,58 @@ def test_both_replicas_serve(serve_url: tuple[str, Any]) -> None:
     while len(seen) < 2 and time.monotonic() < deadline:
         seen.add(handle.server_address.remote().result()[0])
     assert len(seen) == 2  # two replicas, two llama-servers
+
+
+def test_a_killed_llama_server_is_replaced_by_ray(serve_url: tuple[str, Any]) -> None:
+    import signal
+
+    import requests
+
+    url, handle = serve_url
+    victim = handle.server_address.remote().result()[0]
+    pids = {p for p in _llama_servers() if _listens_on(p, int(victim.rsplit(":", 1)[1]))}
+    assert len(pids) == 1
+    os.kill(pids.pop(), signal.SIGKILL)
+    # Ray's health check fails on that replica and a new one takes its place
+    assert wait_until(lambda: victim not in {handle.server_address.remote().result()[0] for _ in range(6)}, 90)
+    ok = 0
+    for _ in range(100):
+        answer = requests.post(
+            url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            timeout=60,
+        )
+        ok += answer.status_code == 200
+    assert ok == 100
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return False
+    return b"--port" in argv and argv[argv.index(b"--port") + 1] == str(port).encode()
+
+
+def test_concurrent_requests_spread_over_both_replicas(serve_url: tuple[str, Any]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    url, _ = serve_url
+    session = requests.Session()
+
+    def ask(_: int) -> tuple[int, str]:
+        answer = session.post(
+            url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            timeout=120,
+        )
+        return answer.status_code, answer.headers.get("X-Llama-Proc-Replica", "")
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(ask, range(200)))
+    assert [status for status, _ in results].count(200) == 200
+    per_replica = {pid: [r for _, r in results].count(pid) for _, pid in results}
+    assert len(per_replica) == 2 and all(n > 0 for n in per_replica.values()), per_replica
