@@ -209,6 +209,25 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--cache", "-c", action="store_true", help="keep received tensors in a local file cache")
     worker.add_argument("--mem", type=int, default=None, help="backend memory to report, in MB (builds with --mem)")
 
+    ray_serve = sub.add_parser(
+        "ray-serve",
+        help="deploy llama-server replicas on a Ray cluster behind Ray Serve (needs llama-proc[ray])",
+        description="Deploy a model as a Ray Serve application of llama-server replicas and keep it up until "
+        "Ctrl-C or SIGTERM, which shut it down. The model path must exist on every node.",
+    )
+    ray_serve.add_argument("--model", "-m", required=True, help="the .gguf model file, or hf://org/repo[:QUANT]")
+    ray_serve.add_argument("--replicas", type=int, default=1, help="the number of replicas (default: 1)")
+    ray_serve.add_argument(
+        "--address", default="local", help="the Ray cluster to join: auto (the running one) or an address "
+        "(default: a new local one)",
+    )  # fmt: skip
+    ray_serve.add_argument("--host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default: 127.0.0.1)")
+    ray_serve.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (default: 8000)")
+    ray_serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default: 1)")
+    ray_serve.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (> 0 runs the CUDA build)")
+    ray_serve.add_argument("--n-ctx", type=int, default=None, help="the context size of each llama-server")
+    ray_serve.add_argument("--api-key", default=None, help="the key clients must send (LLAMA_PROC_API_KEY too)")
+
     demo = sub.add_parser("demo", help="build if needed, start the tiny model, chat, stream, stop")
     demo.add_argument("--variant", choices=VARIANTS, default=None, help="the backend (default: cpu)")
     demo.add_argument("--prompt", default="Write a haiku about local inference.", help="what to ask the model")
@@ -429,6 +448,44 @@ def _cmd_rpc_worker(ns: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _cmd_ray_serve(ns: argparse.Namespace, out: TextIO) -> int:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        sys.stderr.write("llama-proc: error: ray-serve needs Ray: pip install 'llama-proc[ray]'\n")
+        return 2
+    from .ray import deployment
+
+    key = ns.api_key or os.environ.get("LLAMA_PROC_API_KEY")
+    args = LlamaServerArgs.from_dict(
+        {"model": ns.model, **({"n_ctx": ns.n_ctx} if ns.n_ctx else {}), **({"api_key": key} if key else {})}
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(address=ns.address)
+        serve.start(http_options={"host": ns.host, "port": ns.port})
+        options = {"num_cpus": ns.num_cpus, "num_gpus": ns.num_gpus}
+        serve.run(deployment(args, num_replicas=ns.replicas, ray_actor_options=options), route_prefix="/")
+        signal.signal(signal.SIGTERM, on_signal)  # after ray.init(), which installs its own handler
+        out.write(f"{ns.replicas} replica(s) of {ns.model} at http://{ns.host}:{ns.port}/v1 (Ctrl-C stops them)\n")
+        out.flush()
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutdown: Any = serve.shutdown
+        shutdown()
+    out.write("stopped\n")
+    return 0
+
+
 def _cmd_serve(ns: argparse.Namespace, out: TextIO) -> int:
     args = _server_args_from(ns)
     server = LlamaServer(ns.executable, args, startup_timeout=ns.startup_timeout)
@@ -516,6 +573,7 @@ _COMMANDS = {
     "pull": _cmd_pull,
     "models": _cmd_models,
     "rpc-worker": _cmd_rpc_worker,
+    "ray-serve": _cmd_ray_serve,
 }
 
 

@@ -181,3 +181,19 @@ def test_concurrent_requests_spread_over_both_replicas(serve_url: tuple[str, Any
     assert [status for status, _ in results].count(200) == 200
     per_replica = {pid: [r for _, r in results].count(pid) for _, pid in results}
     assert len(per_replica) == 2 and all(n > 0 for n in per_replica.values()), per_replica
+
+
+def test_a_model_missing_on_a_node_fails_the_deployment_naming_it(serve_url: tuple[str, Any], tmp_path: Path) -> None:
+    from ray import serve
+
+    from llama_proc.ray import deployment
+
+    missing = tmp_path / "nowhere.gguf"
+    started = time.monotonic()
+    with pytest.raises(Exception) as info:
+        serve.run(deployment(LlamaServerArgs(model=missing), name="missing"), name="missing", route_prefix="/missing")
+    assert time.monotonic() - started < 120 and "missing" in str(info.value)
+    status = serve.status().applications["missing"]
+    text = str(status.message) + "".join(str(d.message) for d in status.deployments.values())
+    assert "ModelNotFound" in text and str(missing) in text and "on node" in text, text[-2000:]
+    serve.delete("missing")

@@ -1,0 +1,57 @@
+"""``llama-proc ray-serve``: a local Ray, one replica of the tiny model, the API key asked for at
+the Serve endpoint, and SIGTERM shutting it all down."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'llama-proc[ray]')")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
+    llama_exe: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_proc", "ray-serve", "--model", str(tiny_model), "--port", str(port),
+         "--num-cpus", "0.5", "--n-ctx", "256", "--api-key", "sesame"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "LLAMA_SERVER_PATH": str(llama_exe), "RAY_USAGE_STATS_ENABLED": "0"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        import select
+
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        assert f"at http://127.0.0.1:{port}/v1" in line, (line, proc.poll())
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        assert requests.post(url, json=chat, timeout=60).status_code == 401
+        answer = requests.post(url, json=chat, headers={"Authorization": "Bearer sesame"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["choices"]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.strip().endswith("stopped"), err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
