@@ -64,7 +64,8 @@ class LlamaReplica:
     """One Serve replica: starts a llama-server for ``args`` on its node and relays requests to it.
 
     The variant follows the replica's resources: with GPUs (``ray_actor_options={"num_gpus": 1}``)
-    it runs the CUDA build with every layer offloaded unless ``n_gpu_layers`` is set.
+    it runs the CUDA build with every layer offloaded unless ``n_gpu_layers`` is set; without
+    ``threads`` it computes on as many threads as the replica has CPUs (at least one).
     """
 
     def __init__(self, args: LlamaServerArgs, server_options: Mapping[str, Any]) -> None:
@@ -72,6 +73,12 @@ class LlamaReplica:
 
         gpus = ray.get_gpu_ids()
         options = dict(server_options)
+        if args.threads is None:
+            # as many compute threads as the replica has CPUs: llama.cpp's threads spin while they
+            # wait, and replicas that each take every core of a node slow each other down many times
+            context: Any = ray.get_runtime_context()
+            cpus = context.get_assigned_resources().get("CPU", 0.0)
+            args = args.evolve(threads=max(1, int(cpus)))
         if gpus:
             options.setdefault("variant", "cuda")
             if args.n_gpu_layers is None:
@@ -170,12 +177,16 @@ def deployment(
     ray_actor_options: Mapping[str, Any] | None = None,
     name: str = "llama",
     health_check_period_s: float = 2.0,
+    max_ongoing_requests: int = 32,
     **server_options: Any,
 ) -> Any:
     """A Ray Serve application of ``num_replicas`` replicas, each running a llama-server for ``args``.
 
     :param autoscaling_config: Serve's autoscaling (then ``num_replicas`` is not used).
-    :param ray_actor_options: each replica's resources (``{"num_gpus": 1}`` runs the CUDA build).
+    :param ray_actor_options: each replica's resources (``{"num_gpus": 1}`` runs the CUDA build;
+        its ``num_cpus`` is the llama-server's thread count, at least one).
+    :param max_ongoing_requests: requests Serve sends one replica at once (Serve's own default, 5,
+        leaves a llama-server idle between short calls; the server queues what its slots cannot take).
     :param server_options: keyword options of :class:`~llama_proc.server.LlamaServer`.
     :returns: the application, for ``serve.run(app, route_prefix=...)``.
     :raises ImportError: without Ray (``pip install 'llama-proc[ray]'``).
@@ -187,6 +198,7 @@ def deployment(
         "health_check_period_s": health_check_period_s,
         "health_check_timeout_s": 10.0,
         "graceful_shutdown_timeout_s": 15.0,
+        "max_ongoing_requests": max_ongoing_requests,
     }
     if autoscaling_config is not None:
         options["autoscaling_config"] = dict(autoscaling_config)

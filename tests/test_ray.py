@@ -126,6 +126,11 @@ def test_both_replicas_serve(serve_url: tuple[str, Any]) -> None:
     while len(seen) < 2 and time.monotonic() < deadline:
         seen.add(handle.server_address.remote().result()[0])
     assert len(seen) == 2  # two replicas, two llama-servers
+    for address in seen:  # each computes on as many threads as its replica has CPUs (0.5: one)
+        (pid,) = [p for p in _llama_servers() if _listens_on(p, int(address.rsplit(":", 1)[1]))]
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+        assert argv[argv.index(b"--threads") + 1] == b"1"
 
 
 def test_a_killed_llama_server_is_replaced_by_ray(serve_url: tuple[str, Any]) -> None:
