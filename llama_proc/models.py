@@ -164,19 +164,10 @@ def _listing(
         try:
             info = hub.HfApi(token=token).model_info(model.repo_id, revision=model.revision, timeout=30)
             return [s.rfilename for s in (info.siblings or [])], model.repo_id, False
-        except hub.utils.GatedRepoError:
-            raise HubModelNotFound(
-                str(model), f"{model.repo_id} is gated", "accept its terms on the hub and set HF_TOKEN"
-            ) from None
-        except hub.utils.RepositoryNotFoundError:
-            raise HubModelNotFound(
-                str(model),
-                f"no model repository {model.repo_id} on {hub.constants.ENDPOINT}",
-                "check the name; a private repository needs a token (HF_TOKEN, or a saved hub login)",
-            ) from None
-        except hub.utils.RevisionNotFoundError:
-            raise HubModelNotFound(str(model), f"{model.repo_id} has no revision {model.revision}") from None
-        except Exception as exc:  # the hub is down or unreachable: the cache may still have the model
+        except Exception as exc:  # unless the hub refused: it is down or unreachable, the cache may help
+            refused = _refusal(hub, model, exc)
+            if refused is not None:
+                raise refused from None
             if _is_bug(exc):
                 raise
             text = str(exc).splitlines()[0] if str(exc) else ""
@@ -207,18 +198,27 @@ def _download(hub: Any, model: HubModel, filename: str, token: Any, cache_dir: A
         ) from None
     except hub.utils.EntryNotFoundError:
         raise HubModelNotFound(str(model), f"{model.repo_id} has no file {filename}") from None
-    except hub.utils.GatedRepoError:
-        raise HubModelNotFound(
-            str(model), f"{model.repo_id} is gated", "accept its terms on the hub and set HF_TOKEN"
-        ) from None
-    except hub.utils.RepositoryNotFoundError:
-        raise HubModelNotFound(
+    except hub.utils.HfHubHTTPError as exc:
+        refused = _refusal(hub, model, exc)
+        if refused is None:
+            raise
+        raise refused from None
+
+
+def _refusal(hub: Any, model: HubModel, exc: BaseException) -> HubModelNotFound | None:
+    """The hub's refusal of the repository or revision (gated, absent or private, no such revision)
+    as the error that says what to do; None for any other exception."""
+    if isinstance(exc, hub.utils.GatedRepoError):  # before its base class, RepositoryNotFoundError
+        return HubModelNotFound(str(model), f"{model.repo_id} is gated", "accept its terms on the hub and set HF_TOKEN")
+    if isinstance(exc, hub.utils.RepositoryNotFoundError):
+        return HubModelNotFound(
             str(model),
             f"no model repository {model.repo_id} on {hub.constants.ENDPOINT}",
             "check the name; a private repository needs a token (HF_TOKEN, or a saved hub login)",
-        ) from None
-    except hub.utils.RevisionNotFoundError:
-        raise HubModelNotFound(str(model), f"{model.repo_id} has no revision {model.revision}") from None
+        )
+    if isinstance(exc, hub.utils.RevisionNotFoundError):
+        return HubModelNotFound(str(model), f"{model.repo_id} has no revision {model.revision}")
+    return None
 
 
 def _as_model(repo_id: str | HubModel, filename: str | None, quant: str | None, revision: str | None) -> HubModel:
