@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import http.client
 import os
 import platform
 import socket
@@ -30,6 +31,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_health(port: int) -> None:
+    """Poll ``/health`` on 127.0.0.1:``port`` every 1 ms with the standard library until it answers 200
+    (the raw baseline of a start: no pooling, no backoff)."""
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/health")
+            status = conn.getresponse().status
+            conn.close()
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.001)
 
 
 def compare(

@@ -5,13 +5,12 @@ Target: ratio <= 1.05 (median of >= 10 runs). Also ``stop()`` of an idle server:
 
 from __future__ import annotations
 
-import http.client
 import statistics
 import subprocess
 import sys
 import time
 
-from _common import free_port, record, report, setup
+from _common import free_port, record, report, setup, wait_health
 
 from llama_proc import LlamaServer
 from llama_proc.versions import flag_dialect
@@ -23,17 +22,8 @@ def raw_start(executable: str, argv: list[str], port: int) -> float:
         [executable, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                conn.request("GET", "/health")
-                status = conn.getresponse().status
-                conn.close()
-                if status == 200:
-                    return time.perf_counter() - started
-            except OSError:
-                pass
-            time.sleep(0.001)
+        wait_health(port)
+        return time.perf_counter() - started
     finally:
         proc.terminate()
         proc.wait()

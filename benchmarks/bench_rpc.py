@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import socket
 import statistics
@@ -20,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import free_port, record, report, setup
+from _common import free_port, record, report, setup, wait_health
 
 from llama_proc import LlamaServer, LlamaServerArgs
 from llama_proc.rpc import RpcCluster, RpcWorker
@@ -36,20 +35,6 @@ def _wait_port(port: int, host: str = "127.0.0.1") -> None:
                 return
         except OSError:
             time.sleep(0.001)
-
-
-def _wait_health(port: int) -> None:
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/health")
-            status = conn.getresponse().status
-            conn.close()
-            if status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.001)
 
 
 def raw_cluster(rpc_exe: str, exe: str, args: LlamaServerArgs) -> float:
@@ -72,7 +57,7 @@ def raw_cluster(rpc_exe: str, exe: str, args: LlamaServerArgs) -> float:
         server = subprocess.Popen(
             [exe, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        _wait_health(port)
+        wait_health(port)
         return time.perf_counter() - started
     finally:
         for proc in [server, *workers]:  # the server first: it aborts when its workers go first
