@@ -126,6 +126,11 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# rpc-server speaks ggml's own binary protocol over plain TCP, not HTTP, so urllib3 and requests have
+# nothing for it: the checks below only open a TCP connection (and see whether the worker takes it),
+# which needs a socket of the standard library; no request of that protocol is ever sent.
+
+
 def _connect(host: str, port: int, timeout: float, abort: threading.Event | None) -> socket.socket | str:
     """A connected socket to ``host:port``, or why there is none: one connection attempt, waited
     for in slices of at most half a second so that ``abort`` ends a wait for a silent host."""
@@ -133,7 +138,7 @@ def _connect(host: str, port: int, timeout: float, abort: threading.Event | None
         family, kind, proto, _, address = socket.getaddrinfo(connect_host(host), port, type=socket.SOCK_STREAM)[0]
     except OSError as exc:
         return exc.strerror or str(exc)
-    sock = socket.socket(family, kind, proto)
+    sock = socket.socket(family, kind, proto)  # a bare TCP connect to rpc-server (not HTTP: see above)
     connected = False
     try:
         sock.setblocking(False)
@@ -145,6 +150,8 @@ def _connect(host: str, port: int, timeout: float, abort: threading.Event | None
                 return f"no connection within {timeout:g} s"
             if abort is not None and abort.is_set():
                 return "the wait was aborted"
+            # a non-blocking connect polled in slices: socket.create_connection's one timeout
+            # could not be interrupted by stop(), and retries of it would restart the handshake
             _, writable, _ = select.select([], [sock], [], min(0.5, left))
             if writable:
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -182,7 +189,7 @@ def _busy(host: str, port: int, timeout: float, abort: threading.Event | None = 
             while True:
                 sock.settimeout(min(0.5, max(deadline - time.monotonic(), 0.001)))
                 try:
-                    sock.recv(1)
+                    sock.recv(1)  # the worker's end of the connection (no HTTP: see above)
                     return None  # closed by the worker (or an answer): it took the client
                 except socket.timeout:
                     if abort is not None and abort.is_set():
