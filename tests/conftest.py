@@ -7,6 +7,7 @@ import json
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -114,6 +115,22 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != b"Z":
             out.append(int(entry))
     return out
+
+
+def process_name(pid: int) -> str:
+    """The command name of ``pid`` from /proc ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def proc_state(pid: int | None) -> str:

@@ -4,7 +4,6 @@ machine, real llama-servers on the tiny model, reached through Serve's HTTP prox
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,7 +12,7 @@ import pytest
 
 from llama_proc import LlamaServerArgs
 
-from .conftest import wait_until
+from .conftest import free_port, process_name, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -22,22 +21,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 
 def _llama_servers() -> list[int]:
     """Pids of llama-server processes of this user on this machine (replicas run in Ray workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as fh:
-                    if fh.read().strip() == "llama-server":
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and process_name(int(e)) == "llama-server"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +39,7 @@ def serve_url(llama_exe: Path, tiny_model: Path) -> Iterator[tuple[str, Any]]:
             cluster.add_node(num_cpus=1, object_store_memory=store)
     except Exception as exc:
         pytest.skip(f"Ray cannot start a local cluster here: {exc}")
-    port = _free_port()
+    port = free_port()
     try:
         ray.init(address=cluster.address, runtime_env={"env_vars": {"LLAMA_SERVER_PATH": str(llama_exe)}})
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -4,20 +4,15 @@ the Serve endpoint, and SIGTERM shutting it all down."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from .conftest import free_port
+
 pytestmark = pytest.mark.integration
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'llama-proc[ray]')")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
@@ -29,7 +24,7 @@ def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
 
     import requests
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_proc", "ray-serve", "--model", str(tiny_model), "--port", str(port),
          "--num-cpus", "0.5", "--n-ctx", "256", "--api-key", "sesame"],

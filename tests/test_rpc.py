@@ -30,7 +30,7 @@ from llama_proc import (
 )
 from llama_proc.rpc import RpcCluster, RpcWorker, rpc_flags
 
-from .conftest import children_of, pid_alive, wait_until
+from .conftest import children_of, pid_alive, process_name, wait_until
 from .netns import Host, make_hosts, pids_in
 
 pytestmark = pytest.mark.integration
@@ -44,15 +44,7 @@ def rpc_exe(llama_exe: Path) -> Path:
 
 
 def _rpc_children() -> list[int]:
-    return [p for p in children_of(os.getpid()) if _name(p) == "rpc-server"]
-
-
-def _name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as fh:
-            return fh.read().strip()
-    except OSError:
-        return ""
+    return [p for p in children_of(os.getpid()) if process_name(p) == "rpc-server"]
 
 
 # -- one worker ---------------------------------------------------------------------------------------
