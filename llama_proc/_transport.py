@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .errors import APIConnectionError, APITimeoutError, ConnectTimeout, InvalidRequest, PoolTimeout
+from .errors import APIConnectionError, APITimeoutError, ConnectionRefused, ConnectTimeout, InvalidRequest, PoolTimeout
 
 __all__ = ["translate_error"]
 
@@ -20,7 +20,8 @@ def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bo
         means the request itself could not be encoded (a control character in its path or a
         header), which is the caller's mistake, not the server's.
     :returns: :class:`APITimeoutError` for a timeout, :class:`InvalidRequest` for a request that
-        could not be sent, :class:`APIConnectionError` for everything else (a refused or broken
+        could not be sent, :class:`ConnectionRefused` when nothing listens on the port,
+        :class:`APIConnectionError` for everything else (a refused or broken
         connection, an answer that breaks HTTP); ``exc`` itself when it is none of these.
     """
     import ssl
@@ -53,6 +54,8 @@ def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bo
             f"or call from fewer threads at once{suffix}",
             url,
         )
+    if _caused_by(exc, ConnectionRefusedError):
+        return ConnectionRefused(f"{_describe(exc)}{suffix}", url)
     if sending and isinstance(exc, ValueError) and not isinstance(exc, requests.RequestException):
         return InvalidRequest(f"{exc}; nothing was sent")
     if isinstance(exc, (requests.RequestException, u3.HTTPError, OSError, ValueError, OverflowError)):

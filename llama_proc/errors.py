@@ -527,6 +527,13 @@ class ConnectTimeout(APITimeoutError):
     code = "api_error-connect_timeout"
 
 
+class ConnectionRefused(APIConnectionError):
+    """The server's host refused the connection: nothing listens on the port (the server has
+    stopped, or not started yet), so the request was not sent and can go to another server."""
+
+    code = "api_error-connection_refused"
+
+
 class PoolTimeout(APITimeoutError):
     """Every pooled connection stayed busy for the call's whole read timeout, so the request was
     never sent: more threads call at once than the client keeps connections (``pool_maxsize``)."""

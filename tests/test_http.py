@@ -22,6 +22,7 @@ from llama_proc.errors import (
     APIStatusError,
     APITimeoutError,
     ConfigError,
+    ConnectionRefused,
     InvalidRequest,
     LlamaProcError,
     PoolTimeout,
@@ -472,10 +473,11 @@ def test_refused_connection_is_retried_then_reported(monkeypatch: pytest.MonkeyP
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
     client = LlamaClient(f"http://127.0.0.1:{port}", connect_retries=2)
-    with within(2), pytest.raises(APIConnectionError, match="refused"):
+    with within(2), pytest.raises(ConnectionRefused, match="refused") as info:
         client.health()
     client.close()
     assert len(attempts) == 3  # the first try and two retries
+    assert isinstance(info.value, APIConnectionError) and info.value.code == "api_error-connection_refused"
 
 
 def test_the_pool_never_opens_more_connections_than_its_size(serve) -> None:  # type: ignore[no-untyped-def]
