@@ -19,24 +19,43 @@ fails at start with :class:`~llama_proc.errors.ModelNotFound` naming the node.
 
 One application serves one model: a second model is a second application (its own route prefix
 and replicas, scaled on its own), which keeps each model's replicas, health and autoscaling apart.
+
+Callers inside the cluster can skip Serve's proxy: ``deployment(args, direct=True)`` lists each
+replica's llama-server address in the application, and :class:`DirectClient` sends calls straight
+to them, round robin, over the replicas whose latest Ray health check passed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
+import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
+from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
 from .config import LlamaServerArgs
-from .errors import ModelNotFound
+from .errors import APIConnectionError, ConfigError, ConnectionRefused, ConnectTimeout, ModelNotFound
+from .readiness import url_host
+from .remote import DEFAULT_ATTACHED_POOL_SIZE
 from .server import LlamaServer
 
 if TYPE_CHECKING:
+    import requests
     from ray.serve.handle import DeploymentHandle
 
-__all__ = ["ROUTES", "LlamaReplica", "ServeClient", "deployment"]
+__all__ = ["ROUTES", "DirectClient", "LlamaReplica", "ReplicaDirectory", "ServeClient", "deployment"]
+
+_T = TypeVar("_T")
+
+#: The name of a direct deployment's directory is the replicas' deployment name with this suffix.
+DIRECTORY_SUFFIX = "-directory"
+
+#: Hosts that only the replica's own node can reach: a direct deployment binds the node's address instead.
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 _log = logging.getLogger("llama_proc.ray")
 
@@ -68,7 +87,13 @@ class LlamaReplica:
     ``threads`` it computes on as many threads as the replica has CPUs (at least one).
     """
 
-    def __init__(self, args: LlamaServerArgs, server_options: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        args: LlamaServerArgs,
+        server_options: Mapping[str, Any],
+        directory: DeploymentHandle[Any] | None = None,
+        ttl: float = 0.0,
+    ) -> None:
         import ray
 
         gpus = ray.get_gpu_ids()
@@ -83,18 +108,35 @@ class LlamaReplica:
             options.setdefault("variant", "cuda")
             if args.n_gpu_layers is None:
                 args = args.evolve(n_gpu_layers=-1)
+        util: Any = ray.util
+        node = util.get_node_ip_address()
         if isinstance(args.model, Path) and not args.model.is_file():
-            util: Any = ray.util
-            node = util.get_node_ip_address()
             raise ModelNotFound(f"{args.model} (on node {node}: the model must exist on every node)")
-        self._api_key = args.api_key if args.api_key != "auto" else None
+        if directory is not None and args.host in _LOOPBACK:
+            args = args.evolve(host=node)  # reachable from the other nodes, for DirectClient
+        self._api_key = args.api_key
         self.server = LlamaServer(args, **options)
         self.server.start()
-        if args.api_key == "auto":
-            self._api_key = self.server.api_key
         #: Which replica answered (its process id), on every relayed answer.
         self._tag = {"X-Llama-Proc-Replica": str(os.getpid())}
         _log.info("replica pid %s: llama-server pid %s at %s", os.getpid(), self.server.pid, self.server.base_url)
+        self._directory = directory
+        self._ttl = ttl
+        host = node if args.host in ("0.0.0.0", "::") else args.host  # a wildcard: the node's address
+        self._entry = {
+            "replica": _replica_tag(),
+            "node": node,
+            "pid": os.getpid(),
+            "url": f"http://{url_host(host)}:{self.server.port}",
+            "api_key": self.server.api_key,
+        }
+        self._announce()
+
+    def _announce(self) -> None:
+        """List this replica in the directory for ``ttl`` seconds (not waited for: a directory that
+        is slow or being replaced must not hold up requests or fail this replica's health check)."""
+        if self._directory is not None:
+            self._directory.register.remote(self._entry, self._ttl)
 
     async def __call__(self, request: Any) -> Any:
         """Relay an HTTP request from the Serve proxy: the body as bytes, the answer's status and
@@ -132,11 +174,19 @@ class LlamaReplica:
             response.close()
         return Response(content, status_code=response.status_code, media_type=media, headers=self._tag)
 
-    def check_health(self) -> None:
-        """Ray's health check: llama-server answers ``/health`` (else Ray replaces the replica)."""
-        self.server.health(timeout=5)
+    async def check_health(self) -> None:
+        """Ray's health check: llama-server answers ``/health`` (else Ray replaces the replica).
+        A replica of a direct deployment renews its directory entry each time it passes."""
+        await asyncio.to_thread(self.server.health, timeout=5)
+        self._announce()
 
     def __del__(self) -> None:  # Serve's shutdown of a replica
+        directory, entry = getattr(self, "_directory", None), getattr(self, "_entry", None)
+        if directory is not None and entry is not None:
+            try:
+                directory.unregister.remote(entry["replica"])
+            except Exception:  # the entry expires anyway
+                _log.debug("could not unlist replica %s", entry["replica"], exc_info=True)
         server = getattr(self, "server", None)
         if server is not None:
             server.stop()
@@ -165,8 +215,40 @@ class LlamaReplica:
         return self.server.tokenize(request)
 
     def server_address(self) -> tuple[str, str | None]:
-        """This replica's llama-server: its URL and API key, for callers that skip the proxy."""
-        return self.server.base_url, self.server.api_key
+        """This replica's llama-server: its URL and API key."""
+        return self._entry["url"], self.server.api_key
+
+
+def _replica_tag() -> str:
+    try:
+        context: Any = _serve().get_replica_context()
+        return str(context.replica_tag)
+    except Exception:  # outside Serve (a replica made by hand)
+        return f"{os.uname().nodename}:{os.getpid()}"
+
+
+class ReplicaDirectory:
+    """The llama-servers of a direct deployment's replicas (one small Serve deployment beside
+    them, named with :data:`DIRECTORY_SUFFIX`). A replica is listed after it starts and again
+    after each health check it passes; an entry not renewed within its time to live is dropped,
+    so the list follows Ray's view of which replicas are healthy."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def register(self, entry: dict[str, Any], ttl: float) -> None:
+        """List (or renew) ``entry`` for ``ttl`` seconds."""
+        self._entries[entry["replica"]] = (time.monotonic() + ttl, entry)
+
+    def unregister(self, replica: str) -> None:
+        """Drop a replica that is shutting down."""
+        self._entries.pop(replica, None)
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """The entries still in date: ``replica``, ``node``, ``pid``, ``url``, ``api_key``."""
+        now = time.monotonic()
+        self._entries = {tag: item for tag, item in self._entries.items() if item[0] > now}
+        return [entry for _, entry in self._entries.values()]
 
 
 def deployment(
@@ -178,6 +260,7 @@ def deployment(
     name: str = "llama",
     health_check_period_s: float = 2.0,
     max_ongoing_requests: int = 32,
+    direct: bool = False,
     **server_options: Any,
 ) -> Any:
     """A Ray Serve application of ``num_replicas`` replicas, each running a llama-server for ``args``.
@@ -187,11 +270,19 @@ def deployment(
         its ``num_cpus`` is the llama-server's thread count, at least one).
     :param max_ongoing_requests: requests Serve sends one replica at once (Serve's own default, 5,
         leaves a llama-server idle between short calls; the server queues what its slots cannot take).
+    :param direct: list the replicas' llama-servers for :class:`DirectClient`. Each llama-server
+        then listens on its node's address (unless ``args.host`` names another one than loopback),
+        where anyone on the cluster's network can reach it: set ``args.api_key``.
     :param server_options: keyword options of :class:`~llama_proc.server.LlamaServer`.
     :returns: the application, for ``serve.run(app, route_prefix=...)``.
     :raises ImportError: without Ray (``pip install 'llama-proc[ray]'``).
+    :raises ConfigError: for ``api_key="auto"``, which would give each replica a key of its own.
     """
     serve = _serve()
+    if args.api_key == "auto":
+        raise ConfigError(
+            ["api_key: 'auto' would give each replica its own key; pass one key, e.g. secrets.token_urlsafe()"]
+        )
     options: dict[str, Any] = {
         "name": name,
         "ray_actor_options": dict(ray_actor_options or {"num_cpus": 1}),
@@ -204,7 +295,14 @@ def deployment(
         options["autoscaling_config"] = dict(autoscaling_config)
     else:
         options["num_replicas"] = num_replicas
-    return serve.deployment(LlamaReplica, **options).bind(args, server_options)
+    replicas = serve.deployment(LlamaReplica, **options)
+    if not direct:
+        return replicas.bind(args, server_options)
+    directory = serve.deployment(
+        ReplicaDirectory, name=name + DIRECTORY_SUFFIX, num_replicas=1, ray_actor_options={"num_cpus": 0}
+    ).bind()
+    # an entry outlives two missed health checks and a slow one
+    return replicas.bind(args, server_options, directory, 2 * health_check_period_s + 5.0)
 
 
 class ServeClient:
@@ -232,3 +330,153 @@ class ServeClient:
     def tokenize(self, request: Mapping[str, Any] | str) -> Any:
         """A tokenize answer dict."""
         return self._handle.tokenize.remote(request).result()
+
+
+class DirectClient(Endpoints):
+    """The calls of a :class:`LlamaServer`, sent straight to the llama-servers of a deployment made
+    with ``direct=True``: no Serve proxy or handle hop, for callers inside the cluster.
+
+    Calls go round robin over the replicas that the deployment's :class:`ReplicaDirectory` lists
+    (those whose latest Ray health check passed), fetched again every ``refresh_s`` seconds. A
+    call that a replica cannot take because nothing listens there any more (it stopped, or Ray
+    replaced it) goes to the next replica: it was never sent. ``openai_client()`` talks to one
+    replica, the next in turn when it is made.
+
+    :param handle: the application's handle (what ``serve.run`` returns, or ``serve.get_app_handle``).
+    :param refresh_s: how old the replica list may get.
+    :param wait_s: how long a call waits for a first replica to be listed.
+    :param request_timeout: ``(connect, read)`` seconds of each call.
+    :param pool_maxsize: connections kept open to each llama-server at most.
+    :raises ImportError: without Ray.
+    """
+
+    def __init__(
+        self,
+        handle: DeploymentHandle[Any],
+        *,
+        refresh_s: float = 5.0,
+        wait_s: float = 60.0,
+        request_timeout: Timeout = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
+        pool_maxsize: int = DEFAULT_ATTACHED_POOL_SIZE,
+    ) -> None:
+        serve = _serve()
+        self._name = f"{handle.app_name}/{handle.deployment_name}"
+        try:
+            self._directory = serve.get_deployment_handle(handle.deployment_name + DIRECTORY_SUFFIX, handle.app_name)
+        except KeyError:  # Serve's answer for a deployment that does not exist
+            raise self._not_direct() from None
+        self._refresh_s = refresh_s
+        self._wait_s = wait_s
+        self._client_options: dict[str, Any] = {"timeout": request_timeout, "pool_maxsize": pool_maxsize}
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[str, str | None], LlamaClient] = {}
+        self._live: list[LlamaClient] = []
+        self._turn = itertools.count()
+        self._stale_at = 0.0
+        self._closed = False
+        self._local = threading.local()  # the client of this thread's current call
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """The replicas listed now: their ``replica`` tag, ``node``, ``pid`` and llama-server ``url``.
+
+        :raises ConfigError: when the deployment was not made with ``direct=True``.
+        """
+        return [{k: v for k, v in entry.items() if k != "api_key"} for entry in self._fetch()]
+
+    def _fetch(self) -> list[dict[str, Any]]:
+        try:
+            entries: list[dict[str, Any]] = self._directory.replicas.remote().result(timeout_s=30)
+        except KeyError:  # the application was deployed again, without direct=True
+            raise self._not_direct() from None
+        return entries
+
+    def _not_direct(self) -> ConfigError:
+        return ConfigError([f"{self._name}: its replicas are not listed; deploy it with deployment(args, direct=True)"])
+
+    def _refresh(self) -> None:
+        """Fetch the replica list (the lock held): keep the clients of replicas still listed,
+        close the others, and wait up to ``wait_s`` for a first replica."""
+        deadline = time.monotonic() + self._wait_s
+        entries = self._fetch()
+        while not entries and time.monotonic() < deadline:
+            time.sleep(0.5)
+            entries = self._fetch()
+        if not entries:
+            raise APIConnectionError(f"no replica of {self._name} was listed within {self._wait_s:g} s")
+        clients: dict[tuple[str, str | None], LlamaClient] = {}
+        for entry in entries:
+            key = (entry["url"], entry.get("api_key"))
+            kept = self._clients.pop(key, None)
+            clients[key] = kept or LlamaClient(entry["url"], api_key=entry.get("api_key"), **self._client_options)
+        for gone in self._clients.values():
+            gone.close()
+        self._clients = clients
+        self._live = list(clients.values())
+        self._stale_at = time.monotonic() + self._refresh_s
+
+    def _pick(self) -> LlamaClient:
+        with self._lock:
+            if self._closed:
+                raise APIConnectionError(f"the DirectClient of {self._name} is closed")
+            if not self._live or time.monotonic() >= self._stale_at:
+                self._refresh()
+            return self._live[next(self._turn) % len(self._live)]
+
+    def _drop(self, client: LlamaClient) -> None:
+        """Stop sending to a replica that refused a connection, until the next refresh lists it."""
+        with self._lock:
+            if client in self._live:
+                self._live.remove(client)
+
+    def _http(self) -> LlamaClient:
+        client: LlamaClient | None = getattr(self._local, "client", None)
+        return client if client is not None else self._pick()
+
+    def _failover(self, send: Callable[[], _T]) -> _T:
+        """``send()`` on one replica after another while they refuse the connection."""
+        tries = max(len(self._live), 1) + 1
+        for attempt in range(tries):
+            self._local.client = client = self._pick()
+            try:
+                return send()
+            except (ConnectionRefused, ConnectTimeout):  # not sent: the next replica can take it
+                self._drop(client)
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _call(
+        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
+    ) -> requests.Response:
+        send = super()._call
+        return self._failover(lambda: send(method, path, body, stream=stream, timeout=timeout))
+
+    def forward(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        stream: bool = False,
+        *,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: Timeout | object = ...,
+    ) -> requests.Response:
+        """Send a request as it is to the next replica (see :meth:`LlamaServer.forward`)."""
+        send = super().forward
+        return self._failover(lambda: send(method, path, json, stream, data=data, headers=headers, timeout=timeout))
+
+    def close(self) -> None:
+        """Close the connections to every replica."""
+        with self._lock:
+            self._closed = True
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+            self._live = []
+
+    def __enter__(self) -> DirectClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

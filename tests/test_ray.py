@@ -12,7 +12,7 @@ import pytest
 
 from llama_proc import LlamaServerArgs
 
-from .conftest import free_port, process_name, wait_until
+from .conftest import free_port, process_name, wait_until, within
 
 pytestmark = pytest.mark.integration
 
@@ -186,3 +186,77 @@ def test_a_model_missing_on_a_node_fails_the_deployment_naming_it(serve_url: tup
     text = str(status.message) + "".join(str(d.message) for d in status.deployments.values())
     assert "ModelNotFound" in text and str(missing) in text and "on node" in text, text[-2000:]
     serve.delete("missing")
+
+
+def test_a_generated_key_per_replica_is_refused() -> None:
+    from llama_proc.errors import ConfigError
+    from llama_proc.ray import deployment
+
+    with pytest.raises(ConfigError, match="its own key"):
+        deployment(LlamaServerArgs(model="m.gguf", api_key="auto"))
+
+
+@pytest.fixture(scope="module")
+def direct_app(serve_url: tuple[str, Any], tiny_model: Path) -> Iterator[Any]:
+    """A second application, made with direct=True: its llama-servers are listed for DirectClient."""
+    from ray import serve
+
+    from llama_proc.ray import deployment
+
+    args = LlamaServerArgs(model=tiny_model, n_ctx=256, metrics=True, api_key="direct-secret")
+    app = deployment(args, name="direct", num_replicas=2, ray_actor_options={"num_cpus": 0.5}, direct=True)
+    yield serve.run(app, name="direct", route_prefix="/direct")
+    serve.delete("direct")
+
+
+def _chat(client: Any) -> Any:
+    return client.chat_completions({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+
+def test_direct_client_calls_the_replicas_llama_servers_without_the_proxy(direct_app: Any) -> None:
+    from llama_proc import RemoteServer
+    from llama_proc.ray import DirectClient
+
+    with DirectClient(direct_app) as client:
+        replicas = client.replicas()
+        assert len(replicas) == 2 and all("api_key" not in r for r in replicas)
+        for replica in replicas:  # on the node's address, so that other nodes reach it
+            assert replica["url"].startswith(f"http://{replica['node']}:"), replica
+        assert _chat(client)["object"] == "chat.completion"
+        with client.chat_completions(
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, stream=True
+        ) as stream:
+            assert next(chunk["object"] for chunk in stream) == "chat.completion.chunk"
+        for _ in range(6):
+            _chat(client)
+    for replica in replicas:  # round robin: each llama-server decoded some of the calls
+        with RemoteServer(replica["url"], api_key="direct-secret") as server:
+            assert "llamacpp:tokens_predicted_total" in server.metrics()
+            predicted = [line for line in server.metrics().splitlines() if line.startswith("llamacpp:tokens_pred")]
+            assert float(predicted[0].split()[-1]) > 0, predicted
+
+
+def test_direct_client_sends_on_to_the_next_replica_when_one_is_gone(direct_app: Any) -> None:
+    import signal
+
+    from llama_proc.ray import DirectClient
+
+    with DirectClient(direct_app, refresh_s=1.0) as client:
+        victim = client.replicas()[0]["url"]
+        (pid,) = [p for p in _llama_servers() if _listens_on(p, int(victim.rsplit(":", 1)[1]))]
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(40):  # refused by the dead one, so sent to the other: no call fails
+            assert _chat(client)["choices"]
+            time.sleep(0.05)
+        # Ray's health check fails, the replica is replaced, and the list follows
+        replaced = lambda: len(urls := [r["url"] for r in client.replicas()]) == 2 and victim not in urls  # noqa: E731
+        assert wait_until(replaced, 90), client.replicas()
+
+
+def test_direct_client_needs_a_direct_deployment(serve_url: tuple[str, Any]) -> None:
+    from llama_proc.errors import ConfigError
+    from llama_proc.ray import DirectClient
+
+    _, handle = serve_url
+    with within(30), pytest.raises(ConfigError, match="direct=True"):
+        DirectClient(handle)
