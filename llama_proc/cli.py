@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -226,7 +227,14 @@ def _parser() -> argparse.ArgumentParser:
     ray_serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default: 1)")
     ray_serve.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (> 0 runs the CUDA build)")
     ray_serve.add_argument("--n-ctx", type=int, default=None, help="the context size of each llama-server")
-    ray_serve.add_argument("--api-key", default=None, help="the key clients must send (LLAMA_PROC_API_KEY too)")
+    ray_serve.add_argument(
+        "--api-key", default=None, help="the key clients must send (LLAMA_PROC_API_KEY too); 'auto' generates one "
+        "and prints it",
+    )  # fmt: skip
+    ray_serve.add_argument(
+        "--direct", action="store_true", help="list the replicas' llama-servers for llama_proc.ray.DirectClient "
+        "(each then listens on its node's address: set --api-key)",
+    )  # fmt: skip
 
     demo = sub.add_parser("demo", help="build if needed, start the tiny model, chat, stream, stop")
     demo.add_argument("--variant", choices=VARIANTS, default=None, help="the backend (default: cpu)")
@@ -448,6 +456,10 @@ def _cmd_rpc_worker(ns: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+#: The Serve application that ``ray-serve`` deploys.
+_RAY_APP = "llama"
+
+
 def _cmd_ray_serve(ns: argparse.Namespace, out: TextIO) -> int:
     try:
         import ray
@@ -458,6 +470,9 @@ def _cmd_ray_serve(ns: argparse.Namespace, out: TextIO) -> int:
     from .ray import deployment
 
     key = ns.api_key or os.environ.get("LLAMA_PROC_API_KEY")
+    if key == "auto":  # one key for every replica, shown once
+        key = secrets.token_urlsafe(32)
+        out.write(f"API key: {key}\n")
     args = LlamaServerArgs.from_dict(
         {"model": ns.model, **({"n_ctx": ns.n_ctx} if ns.n_ctx else {}), **({"api_key": key} if key else {})}
     )
@@ -471,9 +486,12 @@ def _cmd_ray_serve(ns: argparse.Namespace, out: TextIO) -> int:
         ray.init(address=ns.address)
         serve.start(http_options={"host": ns.host, "port": ns.port})
         options = {"num_cpus": ns.num_cpus, "num_gpus": ns.num_gpus}
-        serve.run(deployment(args, num_replicas=ns.replicas, ray_actor_options=options), route_prefix="/")
+        app = deployment(args, num_replicas=ns.replicas, ray_actor_options=options, direct=ns.direct)
+        serve.run(app, name=_RAY_APP, route_prefix="/")
         signal.signal(signal.SIGTERM, on_signal)  # after ray.init(), which installs its own handler
         out.write(f"{ns.replicas} replica(s) of {ns.model} at http://{ns.host}:{ns.port}/v1 (Ctrl-C stops them)\n")
+        if ns.direct:
+            out.write(f"in the cluster: DirectClient(serve.get_app_handle({_RAY_APP!r})) calls them directly\n")
         out.flush()
         stop.wait()
     except KeyboardInterrupt:

@@ -1,5 +1,5 @@
 """``llama-proc ray-serve``: a local Ray, one replica of the tiny model, the API key asked for at
-the Serve endpoint, and SIGTERM shutting it all down."""
+the Serve endpoint (one generated key for all replicas), and SIGTERM shutting it all down."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port
+from .conftest import free_port, process_name
 
 pytestmark = pytest.mark.integration
 
@@ -25,9 +25,10 @@ def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
     import requests
 
     port = free_port()
+    before = set(_llama_servers())
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_proc", "ray-serve", "--model", str(tiny_model), "--port", str(port),
-         "--num-cpus", "0.5", "--n-ctx", "256", "--api-key", "sesame"],
+         "--num-cpus", "0.5", "--n-ctx", "256", "--api-key", "auto", "--direct"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "LLAMA_SERVER_PATH": str(llama_exe), "RAY_USAGE_STATS_ENABLED": "0"},
     )  # fmt: skip
@@ -36,13 +37,19 @@ def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
         import select
 
         ready, _, _ = select.select([proc.stdout], [], [], 120)
+        key = proc.stdout.readline().removeprefix("API key: ").strip() if ready else ""
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
         line = proc.stdout.readline() if ready else ""
         assert f"at http://127.0.0.1:{port}/v1" in line, (line, proc.poll())
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         assert requests.post(url, json=chat, timeout=60).status_code == 401
-        answer = requests.post(url, json=chat, headers={"Authorization": "Bearer sesame"}, timeout=60)
+        answer = requests.post(url, json=chat, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert answer.status_code == 200 and answer.json()["choices"]
+        assert "DirectClient(serve.get_app_handle('llama'))" in proc.stdout.readline()
+        # --direct: the llama-server listens on the node's address, with the key
+        (argv,) = [_argv(pid) for pid in _llama_servers() if pid not in before]
+        assert argv[argv.index("--host") + 1] not in ("127.0.0.1", "localhost") and "--api-key-file" in argv
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0 and out.strip().endswith("stopped"), err[-2000:]
@@ -50,3 +57,12 @@ def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def _llama_servers() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and process_name(int(e)) == "llama-server"]
+
+
+def _argv(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().decode().split("\0")
