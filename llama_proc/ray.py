@@ -20,6 +20,10 @@ fails at start with :class:`~llama_proc.errors.ModelNotFound` naming the node.
 One application serves one model: a second model is a second application (its own route prefix
 and replicas, scaled on its own), which keeps each model's replicas, health and autoscaling apart.
 
+A model larger than one node: ``deployment(args, rpc_workers=2)`` gives each replica its own
+``rpc-server`` workers, Ray actors placed with the replica on distinct nodes (a STRICT_SPREAD
+placement group), and the replica's llama-server spreads the model over them.
+
 Callers inside the cluster can skip Serve's proxy: ``deployment(args, direct=True)`` lists each
 replica's llama-server address in the application, and :class:`DirectClient` sends calls straight
 to them, round robin, over the replicas whose latest Ray health check passed.
@@ -34,20 +38,23 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from urllib.parse import urlsplit
 
+from .binaries import find_executable
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
 from .config import LlamaServerArgs
-from .errors import APIConnectionError, ConfigError, ConnectionRefused, ConnectTimeout, ModelNotFound
+from .errors import APIConnectionError, ConfigError, ConnectionRefused, ConnectTimeout, ModelNotFound, RpcWorkerError
 from .readiness import url_host
 from .remote import DEFAULT_ATTACHED_POOL_SIZE
+from .rpc import RpcCluster, RpcWorker
 from .server import LlamaServer
 
 if TYPE_CHECKING:
     import requests
     from ray.serve.handle import DeploymentHandle
 
-__all__ = ["ROUTES", "DirectClient", "LlamaReplica", "ReplicaDirectory", "ServeClient", "deployment"]
+__all__ = ["ROUTES", "DirectClient", "LlamaReplica", "ReplicaDirectory", "RpcWorkerActor", "ServeClient", "deployment"]
 
 _T = TypeVar("_T")
 
@@ -93,6 +100,7 @@ class LlamaReplica:
         server_options: Mapping[str, Any],
         directory: DeploymentHandle[Any] | None = None,
         ttl: float = 0.0,
+        rpc_workers: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         import ray
 
@@ -115,8 +123,22 @@ class LlamaReplica:
         if directory is not None and args.host in _LOOPBACK:
             args = args.evolve(host=node)  # reachable from the other nodes, for DirectClient
         self._api_key = args.api_key
-        self.server = LlamaServer(args, **options)
-        self.server.start()
+        #: The replica's rpc-server workers (Ray actors), when it has any.
+        self.workers: list[Any] = []
+        self._addresses: list[str] = []
+        self.server: LlamaServer | RpcCluster
+        if rpc_workers:
+            self.workers = _place_workers(rpc_workers)
+            try:
+                self._addresses = ray.get([worker.address.remote() for worker in self.workers], timeout=120)
+                self.server = RpcCluster(args, self._addresses, **options)
+                self.server.start()
+            except BaseException:
+                _stop_workers(self.workers)
+                raise
+        else:
+            self.server = LlamaServer(args, **options)
+            self.server.start()
         #: Which replica answered (its process id), on every relayed answer.
         self._tag = {"X-Llama-Proc-Replica": str(os.getpid())}
         _log.info("replica pid %s: llama-server pid %s at %s", os.getpid(), self.server.pid, self.server.base_url)
@@ -127,7 +149,7 @@ class LlamaReplica:
             "replica": _replica_tag(),
             "node": node,
             "pid": os.getpid(),
-            "url": f"http://{url_host(host)}:{self.server.port}",
+            "url": f"http://{url_host(host)}:{urlsplit(self.server.base_url).port}",
             "api_key": self.server.api_key,
         }
         self._announce()
@@ -178,6 +200,11 @@ class LlamaReplica:
         """Ray's health check: llama-server answers ``/health`` (else Ray replaces the replica).
         A replica of a direct deployment renews its directory entry each time it passes."""
         await asyncio.to_thread(self.server.health, timeout=5)
+        if self.workers:  # a lost worker fails the replica at once, before a call finds it
+            running = await asyncio.wait_for(asyncio.gather(*(w.is_running.remote() for w in self.workers)), 5)
+            for up, address in zip(running, self._addresses):
+                if not up:
+                    raise RpcWorkerError(address, "its rpc-server stopped")
         self._announce()
 
     def __del__(self) -> None:  # Serve's shutdown of a replica
@@ -190,6 +217,7 @@ class LlamaReplica:
         server = getattr(self, "server", None)
         if server is not None:
             server.stop()
+        _stop_workers(getattr(self, "workers", []))
 
     # -- for DeploymentHandle callers (see ServeClient) -----------------------------------------
 
@@ -214,9 +242,93 @@ class LlamaReplica:
         """Tokens, as :meth:`LlamaServer.tokenize` returns them."""
         return self.server.tokenize(request)
 
+    async def placement(self) -> dict[str, Any]:
+        """Where this replica runs: its Ray ``node`` id, and its rpc-server ``workers`` (each one's
+        ``address`` and ``node``)."""
+        import ray
+
+        nodes = await asyncio.gather(*(worker.node.remote() for worker in self.workers))
+        workers = [{"address": address, "node": node} for address, node in zip(self._addresses, nodes)]
+        return {"node": str(ray.get_runtime_context().get_node_id()), "workers": workers}
+
     def server_address(self) -> tuple[str, str | None]:
         """This replica's llama-server: its URL and API key."""
         return self._entry["url"], self.server.api_key
+
+
+class RpcWorkerActor:
+    """A Ray actor that runs one ``rpc-server`` on its node, listening on the node's address (the
+    workers of a replica made by ``deployment(..., rpc_workers=N)``). It computes on as many
+    threads as it has CPUs; with GPUs it serves them with the CUDA build. Its rpc-server stops
+    with it, however it ends (the process guardian of :class:`~llama_proc.rpc.RpcWorker`)."""
+
+    def __init__(self) -> None:
+        import ray
+
+        context: Any = ray.get_runtime_context()
+        cpus = context.get_assigned_resources().get("CPU", 0.0)
+        util: Any = ray.util
+        executable = find_executable("cuda", name="rpc-server") if ray.get_gpu_ids() else None
+        self._node = str(context.get_node_id())
+        self.worker = RpcWorker(executable, host=util.get_node_ip_address(), threads=max(1, int(cpus)))
+        self.worker.start()
+
+    def address(self) -> str:
+        """``host:port`` for llama-server's ``--rpc``."""
+        return self.worker.address
+
+    def node(self) -> str:
+        """The Ray node id this worker runs on."""
+        return self._node
+
+    def is_running(self) -> bool:
+        """The rpc-server's process is alive."""
+        return self.worker.is_running()
+
+    def stop(self) -> int | None:
+        """Stop the rpc-server; its exit status."""
+        return self.worker.stop()
+
+
+def _place_workers(options: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """One :class:`RpcWorkerActor` in each bundle after the replica's own in its placement group,
+    ready (their rpc-servers listening) when this returns."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    util: Any = ray.util
+    group = util.get_current_placement_group()
+    if group is None:
+        raise ConfigError(["rpc_workers: the replica has no placement group; make it with deployment(rpc_workers=N)"])
+    actor: Any = ray.remote(RpcWorkerActor)
+    workers = [
+        actor.options(
+            **dict(each),
+            max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index + 1),
+        ).remote()
+        for index, each in enumerate(options)
+    ]
+    try:
+        ray.get([worker.node.remote() for worker in workers], timeout=120)
+    except BaseException:
+        _stop_workers(workers)
+        raise
+    return workers
+
+
+def _stop_workers(workers: Sequence[Any]) -> None:
+    """Stop each worker's rpc-server, then its actor."""
+    import ray
+
+    if not workers:
+        return
+    try:
+        ray.get([worker.stop.remote() for worker in workers], timeout=15)
+    except Exception:  # a worker already gone: killing its actor is all there is to do
+        _log.debug("could not stop every rpc-server", exc_info=True)
+    for worker in workers:
+        ray.kill(worker)
 
 
 def _replica_tag() -> str:
@@ -261,6 +373,8 @@ def deployment(
     health_check_period_s: float = 2.0,
     max_ongoing_requests: int = 32,
     direct: bool = False,
+    rpc_workers: int = 0,
+    rpc_worker_options: Mapping[str, Any] | None = None,
     **server_options: Any,
 ) -> Any:
     """A Ray Serve application of ``num_replicas`` replicas, each running a llama-server for ``args``.
@@ -273,6 +387,14 @@ def deployment(
     :param direct: list the replicas' llama-servers for :class:`DirectClient`. Each llama-server
         then listens on its node's address (unless ``args.host`` names another one than loopback),
         where anyone on the cluster's network can reach it: set ``args.api_key``.
+    :param rpc_workers: ``rpc-server`` workers per replica, for a model larger than one node: each
+        replica and its workers are placed on distinct nodes (a STRICT_SPREAD placement group, so the
+        cluster needs ``rpc_workers + 1`` nodes with room for them), and the replica's llama-server
+        spreads the model over them (all layers offloaded unless ``n_gpu_layers`` is set). The
+        workers listen on their nodes' addresses without authentication: keep the cluster's
+        network private.
+    :param rpc_worker_options: each worker's resources, ``{"num_cpus": 1}`` by default (its thread
+        count; ``num_gpus`` runs the CUDA build).
     :param server_options: keyword options of :class:`~llama_proc.server.LlamaServer`.
     :returns: the application, for ``serve.run(app, route_prefix=...)``.
     :raises ImportError: without Ray (``pip install 'llama-proc[ray]'``).
@@ -295,14 +417,29 @@ def deployment(
         options["autoscaling_config"] = dict(autoscaling_config)
     else:
         options["num_replicas"] = num_replicas
+    workers: list[dict[str, Any]] = []
+    if rpc_workers:
+        worker = dict(rpc_worker_options or {"num_cpus": 1})
+        workers = [worker] * rpc_workers
+        options["placement_group_bundles"] = [_bundle(options["ray_actor_options"]), *[_bundle(worker)] * rpc_workers]
+        options["placement_group_strategy"] = "STRICT_SPREAD"
     replicas = serve.deployment(LlamaReplica, **options)
-    if not direct:
-        return replicas.bind(args, server_options)
-    directory = serve.deployment(
-        ReplicaDirectory, name=name + DIRECTORY_SUFFIX, num_replicas=1, ray_actor_options={"num_cpus": 0}
-    ).bind()
-    # an entry outlives two missed health checks and a slow one
-    return replicas.bind(args, server_options, directory, 2 * health_check_period_s + 5.0)
+    directory = None
+    if direct:
+        directory = serve.deployment(
+            ReplicaDirectory, name=name + DIRECTORY_SUFFIX, num_replicas=1, ray_actor_options={"num_cpus": 0}
+        ).bind()
+    # a directory entry outlives two missed health checks and a slow one
+    return replicas.bind(args, server_options, directory, 2 * health_check_period_s + 5.0, workers)
+
+
+def _bundle(actor_options: Mapping[str, Any]) -> dict[str, float]:
+    """The placement-group bundle of an actor with ``actor_options``."""
+    bundle = {"CPU": float(actor_options.get("num_cpus", 1))}
+    if actor_options.get("num_gpus"):
+        bundle["GPU"] = float(actor_options["num_gpus"])
+    bundle.update(actor_options.get("resources", {}))
+    return bundle
 
 
 class ServeClient:
