@@ -18,19 +18,22 @@ pytest.importorskip("ray", reason="the ray extra is not installed (pip install '
 def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
     llama_exe: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
+    import shutil
     import signal
     import subprocess
     import sys
+    import tempfile
 
     import requests
 
     port = free_port()
     before = set(_llama_servers())
+    ray_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_proc", "ray-serve", "--model", str(tiny_model), "--port", str(port),
          "--num-cpus", "0.5", "--n-ctx", "256", "--api-key", "auto", "--direct"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "LLAMA_SERVER_PATH": str(llama_exe), "RAY_USAGE_STATS_ENABLED": "0"},
+        env={**os.environ, "LLAMA_SERVER_PATH": str(llama_exe), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_dir},
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -53,10 +56,23 @@ def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0 and out.strip().endswith("stopped"), err[-2000:]
+        assert len(key) > 20 and key not in out + err  # printed once, at the top
+        files = [path for path in Path(ray_dir).rglob("*") if path.is_file()]
+        assert any(_holds(path, b"name='llama'") for path in files)  # Serve's logs are among them
+        logged = [path for path in files if _holds(path, key.encode())]
+        assert not logged, f"the API key is in {logged}"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _holds(path: Path, needle: bytes) -> bool:
+    try:
+        return needle in path.read_bytes()
+    except OSError:  # a socket, or a file that went away
+        return False
 
 
 def _llama_servers() -> list[int]:
