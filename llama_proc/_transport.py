@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Iterator
 
 from .errors import APIConnectionError, APITimeoutError, ConnectionRefused, ConnectTimeout, InvalidRequest, PoolTimeout
@@ -12,6 +13,9 @@ __all__ = ["translate_error"]
 #: valid but names another host.
 _X509_NAME_MISMATCH = (62, 64)
 
+#: A connect that fails with these never reached a server: no route to the host or its network.
+_UNREACHABLE = (errno.EHOSTUNREACH, errno.ENETUNREACH)
+
 
 def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bool = False) -> Exception:
     """A transport failure as a :class:`~llama_proc.errors.LlamaProcError`.
@@ -20,7 +24,8 @@ def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bo
         means the request itself could not be encoded (a control character in its path or a
         header), which is the caller's mistake, not the server's.
     :returns: :class:`APITimeoutError` for a timeout, :class:`InvalidRequest` for a request that
-        could not be sent, :class:`ConnectionRefused` when nothing listens on the port,
+        could not be sent, :class:`ConnectionRefused` when nothing listens on the port or the
+        host cannot be reached,
         :class:`APIConnectionError` for everything else (a refused or broken
         connection, an answer that breaks HTTP); ``exc`` itself when it is none of these.
     """
@@ -54,7 +59,10 @@ def translate_error(exc: BaseException, url: str, hint: str = "", *, sending: bo
             f"or call from fewer threads at once{suffix}",
             url,
         )
-    if _caused_by(exc, ConnectionRefusedError):
+    if any(
+        isinstance(link, ConnectionRefusedError) or (isinstance(link, OSError) and link.errno in _UNREACHABLE)
+        for link in _chain(exc)
+    ):
         return ConnectionRefused(f"{_describe(exc)}{suffix}", url)
     if sending and isinstance(exc, ValueError) and not isinstance(exc, requests.RequestException):
         return InvalidRequest(f"{exc}; nothing was sent")

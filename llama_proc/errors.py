@@ -528,8 +528,9 @@ class ConnectTimeout(APITimeoutError):
 
 
 class ConnectionRefused(APIConnectionError):
-    """The server's host refused the connection: nothing listens on the port (the server has
-    stopped, or not started yet), so the request was not sent and can go to another server."""
+    """The connection was refused (nothing listens on the port: the server has stopped, or not
+    started yet) or the host cannot be reached (no route to it), so the request was not sent and
+    can go to another server."""
 
     code = "api_error-connection_refused"
 

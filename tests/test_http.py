@@ -5,6 +5,7 @@ in a correct answer or a typed error, in bounded time and memory, with no descri
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import socket
@@ -478,6 +479,19 @@ def test_refused_connection_is_retried_then_reported(monkeypatch: pytest.MonkeyP
     client.close()
     assert len(attempts) == 3  # the first try and two retries
     assert isinstance(info.value, APIConnectionError) and info.value.code == "api_error-connection_refused"
+
+
+@pytest.mark.parametrize("code", [errno.EHOSTUNREACH, errno.ENETUNREACH])
+def test_no_route_to_the_host_is_not_sent_either(code: int) -> None:
+    import requests
+    import urllib3.exceptions
+
+    from llama_proc._transport import translate_error
+
+    inner = urllib3.exceptions.NewConnectionError(None, "failed")  # type: ignore[arg-type]
+    inner.__cause__ = OSError(code, os.strerror(code))
+    error = translate_error(requests.exceptions.ConnectionError(inner), "http://10.0.0.9:8080/health", sending=True)
+    assert isinstance(error, ConnectionRefused) and os.strerror(code) in str(error)
 
 
 def test_the_pool_never_opens_more_connections_than_its_size(serve) -> None:  # type: ignore[no-untyped-def]
