@@ -26,26 +26,31 @@ placement group), and the replica's llama-server spreads the model over them.
 
 Callers inside the cluster can skip Serve's proxy: ``deployment(args, direct=True)`` lists each
 replica's llama-server address in the application, and :class:`DirectClient` sends calls straight
-to them, round robin, over the replicas whose latest Ray health check passed.
+to them, round robin, over the replicas that pass Ray's health checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
+import inspect
 import itertools
 import logging
 import os
 import threading
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 from .binaries import find_executable
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
 from .config import LlamaServerArgs
 from .errors import APIConnectionError, ConfigError, ConnectionRefused, ConnectTimeout, ModelNotFound, RpcWorkerError
-from .readiness import url_host
+from .readiness import is_loopback, url_host
 from .remote import DEFAULT_ATTACHED_POOL_SIZE
 from .rpc import RpcCluster, RpcWorker
 from .server import LlamaServer
@@ -61,8 +66,9 @@ _T = TypeVar("_T")
 #: The name of a direct deployment's directory is the replicas' deployment name with this suffix.
 DIRECTORY_SUFFIX = "-directory"
 
-#: Hosts that only the replica's own node can reach: a direct deployment binds the node's address instead.
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: Seconds a shutting-down replica of a direct deployment keeps its llama-server after leaving the
+#: directory, so that DirectClients (which fetch the list every 5 s by default) stop sending to it.
+DRAIN_S = 5.0
 
 _log = logging.getLogger("llama_proc.ray")
 
@@ -92,6 +98,9 @@ class LlamaReplica:
     The variant follows the replica's resources: with GPUs (``ray_actor_options={"num_gpus": 1}``)
     it runs the CUDA build with every layer offloaded unless ``n_gpu_layers`` is set; without
     ``threads`` it computes on as many threads as the replica has CPUs (at least one).
+
+    Calls to the llama-server run on the replica's own threads, ``concurrency`` of them (Serve's
+    ``max_ongoing_requests``), and its health check on one more, so that neither waits on the other.
     """
 
     def __init__(
@@ -101,6 +110,7 @@ class LlamaReplica:
         directory: DeploymentHandle[Any] | None = None,
         ttl: float = 0.0,
         rpc_workers: Sequence[Mapping[str, Any]] = (),
+        concurrency: int = 32,
     ) -> None:
         import ray
 
@@ -120,9 +130,15 @@ class LlamaReplica:
         node = util.get_node_ip_address()
         if isinstance(args.model, Path) and not args.model.is_file():
             raise ModelNotFound(f"{args.model} (on node {node}: the model must exist on every node)")
-        if directory is not None and args.host in _LOOPBACK:
+        if directory is not None and is_loopback(args.host):
             args = args.evolve(host=node)  # reachable from the other nodes, for DirectClient
         self._api_key = args.api_key
+        self._directory = directory
+        self._ttl = ttl
+        self._entry: dict[str, Any] | None = None
+        self._calls = ThreadPoolExecutor(concurrency + 2, thread_name_prefix="llama-replica")
+        self._checks = ThreadPoolExecutor(1, thread_name_prefix="llama-replica-health")
+        self._closed = False
         #: The replica's rpc-server workers (Ray actors), when it has any.
         self.workers: list[Any] = []
         self._addresses: list[str] = []
@@ -142,8 +158,6 @@ class LlamaReplica:
         #: Which replica answered (its process id), on every relayed answer.
         self._tag = {"X-Llama-Proc-Replica": str(os.getpid())}
         _log.info("replica pid %s: llama-server pid %s at %s", os.getpid(), self.server.pid, self.server.base_url)
-        self._directory = directory
-        self._ttl = ttl
         host = node if args.host in ("0.0.0.0", "::") else args.host  # a wildcard: the node's address
         self._entry = {
             "replica": _replica_tag(),
@@ -157,8 +171,12 @@ class LlamaReplica:
     def _announce(self) -> None:
         """List this replica in the directory for ``ttl`` seconds (not waited for: a directory that
         is slow or being replaced must not hold up requests or fail this replica's health check)."""
-        if self._directory is not None:
+        if self._directory is not None and self._entry is not None:
             self._directory.register.remote(self._entry, self._ttl)
+
+    async def _run(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``call`` on the replica's call threads (the event loop must not block on the server)."""
+        return await asyncio.get_running_loop().run_in_executor(self._calls, functools.partial(call, *args, **kwargs))
 
     async def __call__(self, request: Any) -> Any:
         """Relay an HTTP request from the Serve proxy: the body as bytes, the answer's status and
@@ -166,40 +184,51 @@ class LlamaReplica:
         from starlette.responses import Response, StreamingResponse
 
         path = request.url.path
+        prefix = request.scope.get("root_path", "").rstrip("/")  # the application's route prefix
+        if prefix and path.startswith(prefix + "/"):
+            path = path[len(prefix) :]
         if path not in ROUTES:
             return _error(404, f"no route {path} (routes: {', '.join(sorted(ROUTES))})", "not_found_error")
-        if self._api_key is not None and request.headers.get("authorization") != f"Bearer {self._api_key}":
+        if (
+            self._api_key is not None
+            and path != "/health"
+            and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(), f"Bearer {self._api_key}".encode()
+            )
+        ):
             return _error(401, "invalid API key", "authentication_error")
         body = await request.body()
         headers = {"Content-Type": request.headers.get("content-type", "application/json")}
-        response = await asyncio.to_thread(
-            self.server.forward, request.method, path, stream=True, data=body or None, headers=headers
-        )
+        target = f"{path}?{request.url.query}" if request.url.query else path
+        try:
+            response = await self._run(
+                self.server.forward, request.method, target, stream=True, data=body or None, headers=headers
+            )
+        except APIConnectionError as exc:  # the llama-server is gone: Ray's health check will see it
+            return _error(503, f"the replica's llama-server cannot be reached: {exc.reason}", "unavailable_error")
         media = response.headers.get("Content-Type", "application/json")
         if "text/event-stream" in media:
             chunks = response.iter_content(None)
 
             async def relay() -> Any:
                 try:
-                    while True:
-                        chunk = await asyncio.to_thread(next, chunks, None)
-                        if chunk is None:
-                            return
+                    while (chunk := await self._run(next, chunks, None)) is not None:
                         yield chunk
                 finally:
                     response.close()
 
             return StreamingResponse(relay(), status_code=response.status_code, media_type=media, headers=self._tag)
         try:
-            content = await asyncio.to_thread(lambda: response.content)
+            content = await self._run(lambda: response.content)
         finally:
             response.close()
         return Response(content, status_code=response.status_code, media_type=media, headers=self._tag)
 
     async def check_health(self) -> None:
-        """Ray's health check: llama-server answers ``/health`` (else Ray replaces the replica).
-        A replica of a direct deployment renews its directory entry each time it passes."""
-        await asyncio.to_thread(self.server.health, timeout=5)
+        """Ray's health check: llama-server answers ``/health`` and every rpc-server worker runs
+        (else Ray replaces the replica). A replica of a direct deployment then renews its
+        directory entry."""
+        await asyncio.get_running_loop().run_in_executor(self._checks, functools.partial(self.server.health, timeout=5))
         if self.workers:  # a lost worker fails the replica at once, before a call finds it
             running = await asyncio.wait_for(asyncio.gather(*(w.is_running.remote() for w in self.workers)), 5)
             for up, address in zip(running, self._addresses):
@@ -207,40 +236,51 @@ class LlamaReplica:
                     raise RpcWorkerError(address, "its rpc-server stopped")
         self._announce()
 
-    def __del__(self) -> None:  # Serve's shutdown of a replica
-        directory, entry = getattr(self, "_directory", None), getattr(self, "_entry", None)
-        if directory is not None and entry is not None:
-            try:
-                directory.unregister.remote(entry["replica"])
-            except Exception:  # the entry expires anyway
-                _log.debug("could not unlist replica %s", entry["replica"], exc_info=True)
-        server = getattr(self, "server", None)
-        if server is not None:
-            server.stop()
-        _stop_workers(getattr(self, "workers", []))
+    def __del__(self) -> None:  # Serve's shutdown of a replica (and, later, the garbage collector)
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        try:
+            if self._directory is not None and self._entry is not None:
+                try:
+                    self._directory.unregister.remote(self._entry["replica"])
+                except Exception:  # the entry expires anyway
+                    _log.debug("could not unlist replica %s", self._entry["replica"], exc_info=True)
+                time.sleep(DRAIN_S)  # DirectClients see the list without it before the server goes
+            server = getattr(self, "server", None)
+            if server is not None:
+                server.stop()
+        finally:
+            _stop_workers(self.workers)
+            self._calls.shutdown(wait=False)
+            self._checks.shutdown(wait=False)
 
     # -- for DeploymentHandle callers (see ServeClient) -----------------------------------------
 
-    def chat_completions(self, request: Mapping[str, Any]) -> Any:
+    async def chat_completions(self, request: Mapping[str, Any]) -> Any:
         """A chat completion, as :meth:`LlamaServer.chat_completions` returns it."""
-        return self.server.chat_completions(request, stream=False)
+        return await self._run(self.server.chat_completions, request, stream=False)
 
-    def chat_completions_stream(self, request: Mapping[str, Any]) -> Iterator[Any]:
+    async def chat_completions_stream(self, request: Mapping[str, Any]) -> AsyncIterator[Any]:
         """The chunks of a streamed chat completion."""
-        with self.server.chat_completions(request, stream=True) as stream:
-            yield from stream
+        stream = await self._run(self.server.chat_completions, request, stream=True)
+        try:
+            while (chunk := await self._run(next, stream, None)) is not None:
+                yield chunk
+        finally:
+            stream.close()
 
-    def completions(self, request: Mapping[str, Any]) -> Any:
+    async def completions(self, request: Mapping[str, Any]) -> Any:
         """A completion, as :meth:`LlamaServer.completions` returns it."""
-        return self.server.completions(request, stream=False)
+        return await self._run(self.server.completions, request, stream=False)
 
-    def embeddings(self, request: Mapping[str, Any]) -> Any:
+    async def embeddings(self, request: Mapping[str, Any]) -> Any:
         """Embeddings, as :meth:`LlamaServer.embeddings` returns them."""
-        return self.server.embeddings(request)
+        return await self._run(self.server.embeddings, request)
 
-    def tokenize(self, request: Mapping[str, Any] | str) -> Any:
+    async def tokenize(self, request: Mapping[str, Any] | str) -> Any:
         """Tokens, as :meth:`LlamaServer.tokenize` returns them."""
-        return self.server.tokenize(request)
+        return await self._run(self.server.tokenize, request)
 
     async def placement(self) -> dict[str, Any]:
         """Where this replica runs: its Ray ``node`` id, and its rpc-server ``workers`` (each one's
@@ -251,9 +291,10 @@ class LlamaReplica:
         workers = [{"address": address, "node": node} for address, node in zip(self._addresses, nodes)]
         return {"node": str(ray.get_runtime_context().get_node_id()), "workers": workers}
 
-    def server_address(self) -> tuple[str, str | None]:
+    async def server_address(self) -> tuple[str, str | None]:
         """This replica's llama-server: its URL and API key."""
-        return self._entry["url"], self.server.api_key
+        url = self._entry["url"] if self._entry is not None else self.server.base_url
+        return url, self.server.api_key
 
 
 class RpcWorkerActor:
@@ -342,21 +383,24 @@ def _replica_tag() -> str:
 class ReplicaDirectory:
     """The llama-servers of a direct deployment's replicas (one small Serve deployment beside
     them, named with :data:`DIRECTORY_SUFFIX`). A replica is listed after it starts and again
-    after each health check it passes; an entry not renewed within its time to live is dropped,
-    so the list follows Ray's view of which replicas are healthy."""
+    after each health check it passes, and unlisted when it shuts down; an entry not renewed
+    within its time to live (two health-check periods and 5 s) is dropped, so the list follows
+    Ray's view of which replicas are healthy within that delay."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
 
-    def register(self, entry: dict[str, Any], ttl: float) -> None:
+    # async: Serve runs them on the replica's event loop, one at a time (no lock needed)
+
+    async def register(self, entry: dict[str, Any], ttl: float) -> None:
         """List (or renew) ``entry`` for ``ttl`` seconds."""
         self._entries[entry["replica"]] = (time.monotonic() + ttl, entry)
 
-    def unregister(self, replica: str) -> None:
+    async def unregister(self, replica: str) -> None:
         """Drop a replica that is shutting down."""
         self._entries.pop(replica, None)
 
-    def replicas(self) -> list[dict[str, Any]]:
+    async def replicas(self) -> list[dict[str, Any]]:
         """The entries still in date: ``replica``, ``node``, ``pid``, ``url``, ``api_key``."""
         now = time.monotonic()
         self._entries = {tag: item for tag, item in self._entries.items() if item[0] > now}
@@ -386,7 +430,9 @@ def deployment(
         leaves a llama-server idle between short calls; the server queues what its slots cannot take).
     :param direct: list the replicas' llama-servers for :class:`DirectClient`. Each llama-server
         then listens on its node's address (unless ``args.host`` names another one than loopback),
-        where anyone on the cluster's network can reach it: set ``args.api_key``.
+        where anyone on the cluster's network can reach it: set ``args.api_key`` (without one, a
+        warning says so). Serve's autoscaling counts only the requests that pass through Serve,
+        not DirectClient's.
     :param rpc_workers: ``rpc-server`` workers per replica, for a model larger than one node: each
         replica and its workers are placed on distinct nodes (a STRICT_SPREAD placement group, so the
         cluster needs ``rpc_workers + 1`` nodes with room for them), and the replica's llama-server
@@ -398,19 +444,30 @@ def deployment(
     :param server_options: keyword options of :class:`~llama_proc.server.LlamaServer`.
     :returns: the application, for ``serve.run(app, route_prefix=...)``.
     :raises ImportError: without Ray (``pip install 'llama-proc[ray]'``).
-    :raises ConfigError: for ``api_key="auto"``, which would give each replica a key of its own.
+    :raises ConfigError: listing what is wrong: ``args`` not :class:`LlamaServerArgs`, an unknown
+        server option, ``rpc_workers`` not a whole number, RPC workers without resources, or
+        ``api_key="auto"`` (which would give each replica a key of its own). A relative model path
+        is made absolute here, where the driver runs.
     """
     serve = _serve()
+    args = _checked(args, direct, rpc_workers, rpc_worker_options, server_options)
     if args.api_key == "auto":
         raise ConfigError(
             ["api_key: 'auto' would give each replica its own key; pass one key, e.g. secrets.token_urlsafe()"]
+        )
+    if direct and args.api_key is None:
+        warnings.warn(
+            "deployment(direct=True) without args.api_key: every llama-server of the deployment answers "
+            "anyone on the cluster's network",
+            UserWarning,
+            stacklevel=2,
         )
     options: dict[str, Any] = {
         "name": name,
         "ray_actor_options": dict(ray_actor_options or {"num_cpus": 1}),
         "health_check_period_s": health_check_period_s,
         "health_check_timeout_s": 10.0,
-        "graceful_shutdown_timeout_s": 15.0,
+        "graceful_shutdown_timeout_s": 30.0,
         "max_ongoing_requests": max_ongoing_requests,
     }
     if autoscaling_config is not None:
@@ -419,6 +476,7 @@ def deployment(
         options["num_replicas"] = num_replicas
     workers: list[dict[str, Any]] = []
     if rpc_workers:
+        _warn_if_too_few_nodes(rpc_workers + 1)
         worker = dict(rpc_worker_options or {"num_cpus": 1})
         workers = [worker] * rpc_workers
         options["placement_group_bundles"] = [_bundle(options["ray_actor_options"]), *[_bundle(worker)] * rpc_workers]
@@ -427,19 +485,97 @@ def deployment(
     directory = None
     if direct:
         directory = serve.deployment(
-            ReplicaDirectory, name=name + DIRECTORY_SUFFIX, num_replicas=1, ray_actor_options={"num_cpus": 0}
+            ReplicaDirectory,
+            name=name + DIRECTORY_SUFFIX,
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            logging_config={"enable_access_log": False},  # a renewal per replica every health check
         ).bind()
     # a directory entry outlives two missed health checks and a slow one
-    return replicas.bind(args, server_options, directory, 2 * health_check_period_s + 5.0, workers)
+    ttl = 2 * health_check_period_s + 5.0
+    return replicas.bind(args, server_options, directory, ttl, workers, max_ongoing_requests)
+
+
+def _checked(
+    args: LlamaServerArgs,
+    direct: bool,
+    rpc_workers: int,
+    rpc_worker_options: Mapping[str, Any] | None,
+    server_options: Mapping[str, Any],
+) -> LlamaServerArgs:
+    """``args`` with the model path made absolute (the replicas run elsewhere).
+
+    :raises ConfigError: listing every argument of :func:`deployment` that is wrong.
+    """
+    if not isinstance(args, LlamaServerArgs):
+        raise ConfigError([f"args: expected LlamaServerArgs, got {type(args).__name__}"])
+    problems = []
+    if not isinstance(direct, bool):
+        problems.append(f"direct: expected True or False, got {direct!r}")
+    if not isinstance(rpc_workers, int) or isinstance(rpc_workers, bool) or rpc_workers < 0:
+        problems.append(f"rpc_workers: expected a whole number >= 0, got {rpc_workers!r}")
+    elif rpc_worker_options is not None and not rpc_workers:
+        problems.append("rpc_worker_options: given without rpc_workers (how many workers each replica gets)")
+    try:
+        inspect.signature(LlamaServer).bind(args, **server_options)
+    except TypeError as exc:
+        problems.append(f"server options: {exc} (see LlamaServer's keyword arguments)")
+    if problems:
+        raise ConfigError(problems)
+    if isinstance(args.model, Path) and not args.model.is_absolute():
+        args = args.evolve(model=args.model.absolute())
+    return args
+
+
+def _warn_if_too_few_nodes(needed: int) -> None:
+    """Warn when the cluster this driver is connected to has fewer live nodes than one replica
+    and its workers need (Serve would wait for more, with no word of why)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    nodes: Any = ray.nodes
+    alive = len([node for node in nodes() if node.get("Alive")])
+    if alive < needed:
+        warnings.warn(
+            f"each replica and its RPC workers need {needed} distinct nodes (STRICT_SPREAD), and the cluster "
+            f"has {alive}: Serve will wait until enough nodes join",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _bundle(actor_options: Mapping[str, Any]) -> dict[str, float]:
-    """The placement-group bundle of an actor with ``actor_options``."""
+    """The placement-group bundle of an actor with ``actor_options``.
+
+    :raises ConfigError: when it asks for no resource at all (Ray refuses an empty bundle).
+    """
     bundle = {"CPU": float(actor_options.get("num_cpus", 1))}
     if actor_options.get("num_gpus"):
         bundle["GPU"] = float(actor_options["num_gpus"])
+    if actor_options.get("memory"):
+        bundle["memory"] = float(actor_options["memory"])
     bundle.update(actor_options.get("resources", {}))
+    bundle = {name: amount for name, amount in bundle.items() if amount}
+    if not bundle:
+        raise ConfigError([f"rpc_workers: {dict(actor_options)!r} asks for no resource; give num_cpus > 0"])
     return bundle
+
+
+def _handle(handle: Any) -> Any:
+    """:raises TypeError: for anything but a Serve handle (``serve.run``'s, ``serve.get_app_handle``)."""
+    if not (hasattr(handle, "app_name") and hasattr(handle, "deployment_name")):
+        raise TypeError(
+            f"handle: expected the DeploymentHandle that serve.run() or serve.get_app_handle() returns, "
+            f"got {type(handle).__name__}"
+        )
+    return handle
+
+
+def _body(request: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(request, Mapping):
+        raise TypeError(f"request: expected a dict such as {{'messages': [...]}}, got {type(request).__name__}")
+    return dict(request)
 
 
 class ServeClient:
@@ -447,22 +583,22 @@ class ServeClient:
     for callers inside the cluster: the same dict shapes, routed by Serve to a replica."""
 
     def __init__(self, handle: DeploymentHandle[Any]) -> None:
-        self._handle = handle
+        self._handle = _handle(handle)
 
     def chat_completions(self, request: Mapping[str, Any], *, stream: bool = False) -> Any:
         """A chat completion dict, or with ``stream=True`` an iterator of chunk dicts."""
         if stream:
-            chunks: Any = self._handle.options(stream=True).chat_completions_stream.remote(dict(request))
+            chunks: Any = self._handle.options(stream=True).chat_completions_stream.remote(_body(request))
             return iter(chunks)
-        return self._handle.chat_completions.remote(dict(request)).result()
+        return self._handle.chat_completions.remote(_body(request)).result()
 
     def completions(self, request: Mapping[str, Any]) -> Any:
         """A completion dict."""
-        return self._handle.completions.remote(dict(request)).result()
+        return self._handle.completions.remote(_body(request)).result()
 
     def embeddings(self, request: Mapping[str, Any]) -> Any:
         """An embeddings dict."""
-        return self._handle.embeddings.remote(dict(request)).result()
+        return self._handle.embeddings.remote(_body(request)).result()
 
     def tokenize(self, request: Mapping[str, Any] | str) -> Any:
         """A tokenize answer dict."""
@@ -473,11 +609,12 @@ class DirectClient(Endpoints):
     """The calls of a :class:`LlamaServer`, sent straight to the llama-servers of a deployment made
     with ``direct=True``: no Serve proxy or handle hop, for callers inside the cluster.
 
-    Calls go round robin over the replicas that the deployment's :class:`ReplicaDirectory` lists
-    (those whose latest Ray health check passed), fetched again every ``refresh_s`` seconds. A
-    call that a replica cannot take because nothing listens there any more (it stopped, or Ray
-    replaced it) goes to the next replica: it was never sent. ``openai_client()`` talks to one
-    replica, the next in turn when it is made.
+    Calls go round robin over the replicas that the deployment's :class:`ReplicaDirectory` lists,
+    fetched again every ``refresh_s`` seconds by one calling thread while the others go on with the
+    list they have (when a fetch fails, the last list is kept). A call that a replica cannot take
+    because nothing listens there any more, or its host cannot be reached, goes to the next replica:
+    it was never sent. That replica is skipped until a fetch after ``refresh_s``. Each
+    ``openai_client()`` talks to one replica, the next in turn.
 
     :param handle: the application's handle (what ``serve.run`` returns, or ``serve.get_app_handle``).
     :param refresh_s: how old the replica list may get.
@@ -485,6 +622,8 @@ class DirectClient(Endpoints):
     :param request_timeout: ``(connect, read)`` seconds of each call.
     :param pool_maxsize: connections kept open to each llama-server at most.
     :raises ImportError: without Ray.
+    :raises TypeError: when ``handle`` is not a Serve handle.
+    :raises ConfigError: when the deployment was not made with ``direct=True``.
     """
 
     def __init__(
@@ -497,6 +636,7 @@ class DirectClient(Endpoints):
         pool_maxsize: int = DEFAULT_ATTACHED_POOL_SIZE,
     ) -> None:
         serve = _serve()
+        handle = _handle(handle)
         self._name = f"{handle.app_name}/{handle.deployment_name}"
         try:
             self._directory = serve.get_deployment_handle(handle.deployment_name + DIRECTORY_SUFFIX, handle.app_name)
@@ -504,10 +644,18 @@ class DirectClient(Endpoints):
             raise self._not_direct() from None
         self._refresh_s = refresh_s
         self._wait_s = wait_s
-        self._client_options: dict[str, Any] = {"timeout": request_timeout, "pool_maxsize": pool_maxsize}
-        self._lock = threading.Lock()
+        # no connect retries: a replica that refuses is failed over at once
+        self._client_options: dict[str, Any] = {
+            "timeout": request_timeout,
+            "pool_maxsize": pool_maxsize,
+            "connect_retries": 0,
+        }
+        self._lock = threading.Lock()  # the lists below
+        self._fetching = threading.Lock()  # one fetch of the directory at a time
         self._clients: dict[tuple[str, str | None], LlamaClient] = {}
         self._live: list[LlamaClient] = []
+        self._down: dict[str, float] = {}  # url -> until when it is skipped
+        self._retired: list[LlamaClient] = []  # unlisted: closed one fetch later, when no call holds them
         self._turn = itertools.count()
         self._stale_at = 0.0
         self._closed = False
@@ -531,37 +679,74 @@ class DirectClient(Endpoints):
         return ConfigError([f"{self._name}: its replicas are not listed; deploy it with deployment(args, direct=True)"])
 
     def _refresh(self) -> None:
-        """Fetch the replica list (the lock held): keep the clients of replicas still listed,
-        close the others, and wait up to ``wait_s`` for a first replica."""
+        """Fetch the replica list: one thread fetches; the others go on with the list they have,
+        or, with none, wait for that fetch."""
+        with self._lock:
+            have = bool(self._live)
+        if not self._fetching.acquire(blocking=not have, timeout=-1 if have else self._wait_s + 60):
+            if have:
+                return
+            raise APIConnectionError(f"no replica list of {self._name} within {self._wait_s:g} s")
+        try:
+            if time.monotonic() < self._stale_at and self._live:
+                return  # another thread fetched it meanwhile
+            self._install(self._fetch_listed(have))
+        finally:
+            self._fetching.release()
+
+    def _fetch_listed(self, have: bool) -> list[dict[str, Any]]:
+        """The entries, waiting up to ``wait_s`` for a first one when there is no list yet."""
         deadline = time.monotonic() + self._wait_s
-        entries = self._fetch()
-        while not entries and time.monotonic() < deadline:
-            time.sleep(0.5)
+        try:
             entries = self._fetch()
-        if not entries:
+            while not entries and not have and time.monotonic() < deadline:
+                time.sleep(0.5)
+                entries = self._fetch()
+        except ConfigError:
+            raise
+        except Exception as exc:  # Ray cannot be asked: keep the list there is
+            if have:
+                _log.warning("could not fetch the replicas of %s (%s); keeping the last list", self._name, exc)
+                self._stale_at = time.monotonic() + self._refresh_s
+                return []
+            raise APIConnectionError(f"the replicas of {self._name} could not be listed: {exc}") from None
+        if not entries and not have:
             raise APIConnectionError(f"no replica of {self._name} was listed within {self._wait_s:g} s")
-        clients: dict[tuple[str, str | None], LlamaClient] = {}
-        for entry in entries:
-            key = (entry["url"], entry.get("api_key"))
-            kept = self._clients.pop(key, None)
-            clients[key] = kept or LlamaClient(entry["url"], api_key=entry.get("api_key"), **self._client_options)
-        for gone in self._clients.values():
-            gone.close()
-        self._clients = clients
-        self._live = list(clients.values())
-        self._stale_at = time.monotonic() + self._refresh_s
+        return entries
+
+    def _install(self, entries: list[dict[str, Any]]) -> None:
+        if not entries and self._live:  # the fetch failed, or listed none: keep sending where calls went
+            self._stale_at = time.monotonic() + self._refresh_s
+            return
+        with self._lock:
+            clients: dict[tuple[str, str | None], LlamaClient] = {}
+            for entry in entries:
+                key = (entry["url"], entry.get("api_key"))
+                kept = self._clients.pop(key, None)
+                clients[key] = kept or LlamaClient(entry["url"], api_key=entry.get("api_key"), **self._client_options)
+            for old in self._retired:
+                old.close()
+            self._retired = list(self._clients.values())
+            self._clients = clients
+            now = time.monotonic()
+            self._down = {url: until for url, until in self._down.items() if until > now}
+            self._live = [client for (url, _), client in clients.items() if url not in self._down]
+            self._stale_at = now + self._refresh_s
 
     def _pick(self) -> LlamaClient:
+        if self._closed:
+            raise APIConnectionError(f"the DirectClient of {self._name} is closed")
+        if not self._live or time.monotonic() >= self._stale_at:
+            self._refresh()
         with self._lock:
-            if self._closed:
-                raise APIConnectionError(f"the DirectClient of {self._name} is closed")
-            if not self._live or time.monotonic() >= self._stale_at:
-                self._refresh()
+            if not self._live:
+                raise APIConnectionError(f"every listed replica of {self._name} refused a connection just now")
             return self._live[next(self._turn) % len(self._live)]
 
     def _drop(self, client: LlamaClient) -> None:
-        """Stop sending to a replica that refused a connection, until the next refresh lists it."""
+        """Skip a replica that could not be reached, until a fetch after ``refresh_s``."""
         with self._lock:
+            self._down[client.base_url] = time.monotonic() + self._refresh_s
             if client in self._live:
                 self._live.remove(client)
 
@@ -569,18 +754,27 @@ class DirectClient(Endpoints):
         client: LlamaClient | None = getattr(self._local, "client", None)
         return client if client is not None else self._pick()
 
+    @property
+    def openai_base_url(self) -> str:
+        """The ``/v1`` base URL of the next replica in turn."""
+        return self._pick().base_url + "/v1"
+
+    def _openai_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self._local.client = None  # the next replica in turn, not this thread's last one
+        return super()._openai_options(kwargs)
+
     def _failover(self, send: Callable[[], _T]) -> _T:
-        """``send()`` on one replica after another while they refuse the connection."""
-        tries = max(len(self._live), 1) + 1
-        for attempt in range(tries):
+        """``send()`` on one replica after another while they cannot be reached (not sent)."""
+        for _ in range(_MAX_FAILOVERS):
             self._local.client = client = self._pick()
             try:
                 return send()
-            except (ConnectionRefused, ConnectTimeout):  # not sent: the next replica can take it
+            except (ConnectionRefused, ConnectTimeout):
                 self._drop(client)
-                if attempt == tries - 1:
-                    raise
-        raise AssertionError("unreachable")
+                with self._lock:
+                    if not self._live:
+                        raise
+        raise APIConnectionError(f"{_MAX_FAILOVERS} replicas of {self._name} in a row could not be reached")
 
     def _call(
         self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
@@ -607,9 +801,10 @@ class DirectClient(Endpoints):
         """Close the connections to every replica."""
         with self._lock:
             self._closed = True
-            for client in self._clients.values():
+            for client in [*self._clients.values(), *self._retired]:
                 client.close()
             self._clients.clear()
+            self._retired = []
             self._live = []
 
     def __enter__(self) -> DirectClient:
@@ -617,3 +812,7 @@ class DirectClient(Endpoints):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+#: Replicas a call tries at most before giving up.
+_MAX_FAILOVERS = 16

@@ -126,6 +126,26 @@ def process_name(pid: int) -> str:
         return ""
 
 
+def pids_named(name: str) -> set[int]:
+    """The pids of this machine's processes whose command name is ``name``."""
+    return {int(entry) for entry in os.listdir("/proc") if entry.isdigit() and process_name(int(entry)) == name}
+
+
+def argv_of(pid: int) -> list[str]:
+    """The command line of ``pid`` ([] once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def listens_on(pid: int, port: int | str) -> bool:
+    """``pid`` was started with ``--port port`` (llama-server and rpc-server both take it)."""
+    argv = argv_of(pid)
+    return "--port" in argv and argv[argv.index("--port") + 1] == str(port)
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that nobody listens on right now."""
     with socket.socket() as sock:

@@ -4,6 +4,7 @@ machine, real llama-servers on the tiny model, reached through Serve's HTTP prox
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,46 +13,27 @@ import pytest
 
 from llama_proc import LlamaServerArgs
 
-from .conftest import free_port, process_name, wait_until, within
+from .conftest import argv_of, listens_on, pids_named, wait_until, within
+from .ray_cluster import local_cluster
 
 pytestmark = pytest.mark.integration
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'llama-proc[ray]')")
 
 
-def _llama_servers() -> list[int]:
-    """Pids of llama-server processes of this user on this machine (replicas run in Ray workers)."""
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and process_name(int(e)) == "llama-server"]
-
-
 @pytest.fixture(scope="module")
 def serve_url(llama_exe: Path, tiny_model: Path) -> Iterator[tuple[str, Any]]:
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from llama_proc.ray import deployment
 
-    before = set(_llama_servers())
-    store = 80 * 1024 * 1024
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": store})
-        for _ in range(2):
-            cluster.add_node(num_cpus=1, object_store_memory=store)
-    except Exception as exc:
-        pytest.skip(f"Ray cannot start a local cluster here: {exc}")
-    port = free_port()
-    try:
-        ray.init(address=cluster.address, runtime_env={"env_vars": {"LLAMA_SERVER_PATH": str(llama_exe)}})
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    before = pids_named("llama-server")
+    with local_cluster(llama_exe) as url:
         args = LlamaServerArgs(model=tiny_model, n_ctx=256, embeddings=True, pooling="mean")
         handle = serve.run(deployment(args, num_replicas=2, ray_actor_options={"num_cpus": 0.5}), route_prefix="/")
-        assert wait_until(lambda: _answers(f"http://127.0.0.1:{port}/health"), 60)
-        yield f"http://127.0.0.1:{port}", handle
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
-        assert wait_until(lambda: set(_llama_servers()) <= before, 30), "llama-servers left after shutdown"
+        assert wait_until(lambda: _answers(url + "/health"), 60)
+        yield url, handle
+    assert wait_until(lambda: pids_named("llama-server") <= before, 30), "llama-servers left after shutdown"
 
 
 def _answers(url: str) -> bool:
@@ -111,24 +93,23 @@ def test_both_replicas_serve(serve_url: tuple[str, Any]) -> None:
         seen.add(handle.server_address.remote().result()[0])
     assert len(seen) == 2  # two replicas, two llama-servers
     for address in seen:  # each computes on as many threads as its replica has CPUs (0.5: one)
-        (pid,) = [p for p in _llama_servers() if _listens_on(p, int(address.rsplit(":", 1)[1]))]
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = fh.read().split(b"\0")
-        assert argv[argv.index(b"--threads") + 1] == b"1"
+        (pid,) = [p for p in pids_named("llama-server") if listens_on(p, address.rsplit(":", 1)[1])]
+        argv = argv_of(pid)
+        assert argv[argv.index("--threads") + 1] == "1"
 
 
 def test_a_killed_llama_server_is_replaced_by_ray(serve_url: tuple[str, Any]) -> None:
-    import signal
-
     import requests
 
     url, handle = serve_url
     victim = handle.server_address.remote().result()[0]
-    pids = {p for p in _llama_servers() if _listens_on(p, int(victim.rsplit(":", 1)[1]))}
-    assert len(pids) == 1
-    os.kill(pids.pop(), signal.SIGKILL)
-    # Ray's health check fails on that replica and a new one takes its place
-    assert wait_until(lambda: victim not in {handle.server_address.remote().result()[0] for _ in range(6)}, 90)
+    before = pids_named("llama-server")
+    (pid,) = [p for p in before if listens_on(p, victim.rsplit(":", 1)[1])]
+    os.kill(pid, signal.SIGKILL)
+    # Ray's health check fails on that replica, Serve stops routing to it, and a new replica (with
+    # a new llama-server) takes its place
+    assert wait_until(lambda: pids_named("llama-server") - before, 90), "no new llama-server"
+    assert wait_until(lambda: victim not in {handle.server_address.remote().result()[0] for _ in range(20)}, 60)
     ok = 0
     for _ in range(100):
         answer = requests.post(
@@ -138,15 +119,6 @@ def test_a_killed_llama_server_is_replaced_by_ray(serve_url: tuple[str, Any]) ->
         )
         ok += answer.status_code == 200
     assert ok == 100
-
-
-def _listens_on(pid: int, port: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = fh.read().split(b"\0")
-    except OSError:
-        return False
-    return b"--port" in argv and argv[argv.index(b"--port") + 1] == str(port).encode()
 
 
 def test_concurrent_requests_spread_over_both_replicas(serve_url: tuple[str, Any]) -> None:
@@ -196,6 +168,42 @@ def test_a_generated_key_per_replica_is_refused() -> None:
         deployment(LlamaServerArgs(model="m.gguf", api_key="auto"))
 
 
+@pytest.mark.parametrize(
+    ("call", "problem"),
+    [
+        (lambda d, a: d("m.gguf"), "args: expected LlamaServerArgs, got str"),
+        (lambda d, a: d(a, rpc_workers="2"), "rpc_workers: expected a whole number"),
+        (lambda d, a: d(a, rpc_workers=-1), "rpc_workers: expected a whole number"),
+        (lambda d, a: d(a, rpc_worker_options={"num_cpus": 2}), "given without rpc_workers"),
+        (lambda d, a: d(a, direct="yes"), "direct: expected True or False"),
+        (lambda d, a: d(a, startup_timout=5), "startup_timout"),
+        (lambda d, a: d(a, rpc_workers=1, rpc_worker_options={"num_cpus": 0}), "asks for no resource"),
+    ],
+)
+def test_deployment_names_what_is_wrong_before_anything_runs(call: Any, problem: str) -> None:
+    from llama_proc.errors import ConfigError
+    from llama_proc.ray import deployment
+
+    with pytest.raises(ConfigError, match=problem):
+        call(deployment, LlamaServerArgs(model="m.gguf"))
+
+
+def test_a_direct_deployment_without_a_key_warns() -> None:
+    from llama_proc.ray import deployment
+
+    with pytest.warns(UserWarning, match="without args.api_key"):
+        deployment(LlamaServerArgs(model="m.gguf"), direct=True)
+
+
+def test_clients_want_a_serve_handle_and_dict_requests() -> None:
+    from llama_proc.ray import DirectClient, ServeClient
+
+    with pytest.raises(TypeError, match="DeploymentHandle"):
+        ServeClient("llama")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="DeploymentHandle"):
+        DirectClient("llama")  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def direct_app(serve_url: tuple[str, Any], tiny_model: Path) -> Iterator[Any]:
     """A second application, made with direct=True: its llama-servers are listed for DirectClient."""
@@ -211,6 +219,21 @@ def direct_app(serve_url: tuple[str, Any], tiny_model: Path) -> Iterator[Any]:
 
 def _chat(client: Any) -> Any:
     return client.chat_completions({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+
+def test_an_application_under_a_route_prefix_relays_and_asks_for_its_key(
+    serve_url: tuple[str, Any], direct_app: Any
+) -> None:
+    import requests
+
+    url, _ = serve_url
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    key = {"Authorization": "Bearer direct-secret"}
+    assert requests.post(url + "/direct/v1/chat/completions", json=chat, timeout=60).status_code == 401
+    answer = requests.post(url + "/direct/v1/chat/completions?trace=1", json=chat, headers=key, timeout=60)
+    assert answer.status_code == 200 and answer.json()["choices"], answer.text
+    assert requests.get(url + "/direct/health", timeout=30).json() == {"status": "ok"}  # open, as llama-server's
+    assert requests.get(url + "/direct/props", headers=key, timeout=30).status_code == 404
 
 
 def test_direct_client_calls_the_replicas_llama_servers_without_the_proxy(direct_app: Any) -> None:
@@ -237,13 +260,11 @@ def test_direct_client_calls_the_replicas_llama_servers_without_the_proxy(direct
 
 
 def test_direct_client_sends_on_to_the_next_replica_when_one_is_gone(direct_app: Any) -> None:
-    import signal
-
     from llama_proc.ray import DirectClient
 
     with DirectClient(direct_app, refresh_s=1.0) as client:
         victim = client.replicas()[0]["url"]
-        (pid,) = [p for p in _llama_servers() if _listens_on(p, int(victim.rsplit(":", 1)[1]))]
+        (pid,) = [p for p in pids_named("llama-server") if listens_on(p, victim.rsplit(":", 1)[1])]
         os.kill(pid, signal.SIGKILL)
         for _ in range(40):  # refused by the dead one, so sent to the other: no call fails
             assert _chat(client)["choices"]

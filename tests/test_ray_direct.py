@@ -1,0 +1,195 @@
+"""DirectClient's choice of replica, without Ray: a stand-in for the deployment's directory and
+small HTTP servers in its replicas' place (the Ray tests run it against a real cluster)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import pytest
+
+import llama_proc.ray
+from llama_proc.errors import APIConnectionError, ConfigError, ConnectionRefused
+from llama_proc.ray import DirectClient
+
+from .conftest import within
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+class Replica:
+    """An HTTP server that answers a chat completion with its own name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                body = json.dumps({"object": "chat.completion", "choices": [{"message": {"content": name}}]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, args=(0.05,), daemon=True).start()
+
+    def entry(self) -> dict[str, Any]:
+        return {"replica": self.name, "node": "127.0.0.1", "pid": 1, "url": self.url, "api_key": None}
+
+    def stop(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+class Directory:
+    """The deployment's directory as a DeploymentHandle reaches it: ``replicas.remote().result()``."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.failing = False
+        self.fetches = 0
+        self.replicas = self
+
+    def remote(self) -> Directory:
+        return self
+
+    def result(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        self.fetches += 1
+        if self.failing:
+            raise RuntimeError("the Serve controller is not reachable")
+        return list(self.entries)
+
+
+class Handle:
+    app_name = "app"
+    deployment_name = "llama"
+
+
+@pytest.fixture
+def directory(monkeypatch: pytest.MonkeyPatch) -> Directory:
+    found = Directory()
+
+    class Serve:
+        @staticmethod
+        def get_deployment_handle(name: str, app_name: str) -> Directory:
+            if (name, app_name) != ("llama-directory", "app"):
+                raise KeyError(f"Deployment(name={name!r}, app={app_name!r}) does not exist.")
+            return found
+
+    monkeypatch.setattr(llama_proc.ray, "_serve", lambda: Serve)
+    return found
+
+
+@pytest.fixture
+def replicas() -> Iterator[list[Replica]]:
+    made = [Replica(name) for name in ("a", "b", "c")]
+    yield made
+    for replica in made:
+        replica.stop()
+
+
+def _answer(client: DirectClient) -> str:
+    reply = client.chat_completions(CHAT)
+    return str(reply["choices"][0]["message"]["content"])
+
+
+def test_calls_go_round_robin_over_the_listed_replicas(directory: Directory, replicas: list[Replica]) -> None:
+    directory.entries = [replicas[0].entry(), replicas[1].entry()]
+    with DirectClient(Handle()) as client:
+        names = [_answer(client) for _ in range(10)]
+    assert names.count("a") == names.count("b") == 5
+    assert directory.fetches == 1  # one fetch for the whole refresh period
+
+
+def test_a_replica_that_is_gone_is_skipped_and_the_call_goes_to_the_next(
+    directory: Directory, replicas: list[Replica]
+) -> None:
+    directory.entries = [replicas[0].entry(), replicas[1].entry()]
+    with DirectClient(Handle()) as client:
+        replicas[0].stop()
+        with within(5):
+            names = [_answer(client) for _ in range(10)]
+    assert names == ["b"] * 10
+
+
+def test_when_every_replica_refuses_the_call_fails_typed(directory: Directory, replicas: list[Replica]) -> None:
+    directory.entries = [replicas[0].entry(), replicas[1].entry()]
+    replicas[0].stop()
+    replicas[1].stop()
+    with DirectClient(Handle()) as client, within(5), pytest.raises(ConnectionRefused):
+        client.chat_completions(CHAT)
+
+
+def test_the_list_follows_the_directory(directory: Directory, replicas: list[Replica]) -> None:
+    import time
+
+    directory.entries = [replicas[0].entry()]
+    with DirectClient(Handle(), refresh_s=0.05) as client:
+        assert _answer(client) == "a"
+        directory.entries = [replicas[2].entry()]
+        time.sleep(0.1)
+        assert {_answer(client) for _ in range(4)} == {"c"}
+
+
+def test_a_failed_fetch_keeps_the_last_list(
+    directory: Directory, replicas: list[Replica], caplog: pytest.LogCaptureFixture
+) -> None:
+    import time
+
+    directory.entries = [replicas[0].entry()]
+    with DirectClient(Handle(), refresh_s=0.05) as client:
+        assert _answer(client) == "a"
+        directory.failing = True
+        time.sleep(0.1)
+        with caplog.at_level(logging.WARNING, logger="llama_proc.ray"):
+            assert _answer(client) == "a"
+    assert "keeping the last list" in caplog.text
+
+
+def test_with_no_replica_listed_a_call_fails_after_wait_s(directory: Directory) -> None:
+    with DirectClient(Handle(), wait_s=0.3) as client, within(3), pytest.raises(APIConnectionError, match="listed"):
+        client.chat_completions(CHAT)
+
+
+def test_without_a_directory_the_fetch_failure_is_a_connection_error(directory: Directory) -> None:
+    directory.failing = True
+    with DirectClient(Handle()) as client, within(3), pytest.raises(APIConnectionError, match="not reachable"):
+        client.chat_completions(CHAT)
+
+
+def test_a_deployment_without_direct_is_a_config_error(directory: Directory) -> None:
+    class Plain:
+        app_name = "app"
+        deployment_name = "plain"
+
+    with pytest.raises(ConfigError, match="direct=True"):
+        DirectClient(Plain())
+
+
+def test_openai_clients_take_the_replicas_in_turn(directory: Directory, replicas: list[Replica]) -> None:
+    directory.entries = [replicas[0].entry(), replicas[1].entry()]
+    with DirectClient(Handle()) as client:
+        _answer(client)
+        urls = {client.openai_base_url for _ in range(4)}
+    assert urls == {replicas[0].url + "/v1", replicas[1].url + "/v1"}
+
+
+def test_a_closed_client_refuses_calls(directory: Directory, replicas: list[Replica]) -> None:
+    directory.entries = [replicas[0].entry()]
+    client = DirectClient(Handle())
+    client.close()
+    with pytest.raises(APIConnectionError, match="closed"):
+        client.chat_completions(CHAT)
