@@ -34,7 +34,7 @@ from .binaries import (
     package_bin_dir,
 )
 from .config import LlamaServerArgs
-from .errors import ExecutableNotFound, LlamaProcError
+from .errors import ConfigError, ExecutableNotFound, LlamaProcError, ModelNotFound
 from .platforms import (
     VARIANTS,
     current_target,
@@ -102,8 +102,10 @@ def _ensure_executable(variant: str | None, out: TextIO) -> Path:
 # argument parsing
 
 
-def _add_server_args(parser: argparse.ArgumentParser) -> None:
+def _add_server_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for field in attrs.fields(LlamaServerArgs):
+        if field.name in skip:
+            continue
         name = "--" + field.name.replace("_", "-")
         kind = field.metadata["kind"]
         default_bool = field.default is False
@@ -216,25 +218,24 @@ def _parser() -> argparse.ArgumentParser:
         description="Deploy a model as a Ray Serve application of llama-server replicas and keep it up until "
         "Ctrl-C or SIGTERM, which shut it down. The model path must exist on every node.",
     )
-    ray_serve.add_argument("--model", "-m", required=True, help="the .gguf model file, or hf://org/repo[:QUANT]")
-    ray_serve.add_argument("--replicas", type=int, default=1, help="the number of replicas (default: 1)")
+    ray_serve.add_argument("--replicas", type=_positive, default=1, help="the number of replicas (default: 1)")
     ray_serve.add_argument(
         "--address", default="local", help="the Ray cluster to join: auto (the running one) or an address "
         "(default: a new local one)",
     )  # fmt: skip
-    ray_serve.add_argument("--host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default: 127.0.0.1)")
-    ray_serve.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (default: 8000)")
+    ray_serve.add_argument("--name", default="llama", help="the Serve application's name (default: llama)")
+    ray_serve.add_argument("--route-prefix", default="/", help="where the application answers (default: /)")
+    ray_serve.add_argument(
+        "--host", dest="http_host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default: 127.0.0.1)"
+    )
+    ray_serve.add_argument("--port", dest="http_port", type=int, default=8000, help="Serve's HTTP port (default: 8000)")
     ray_serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default: 1)")
     ray_serve.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (> 0 runs the CUDA build)")
-    ray_serve.add_argument("--n-ctx", type=int, default=None, help="the context size of each llama-server")
-    ray_serve.add_argument(
-        "--api-key", default=None, help="the key clients must send (LLAMA_PROC_API_KEY too); 'auto' generates one "
-        "and prints it",
-    )  # fmt: skip
     ray_serve.add_argument(
         "--direct", action="store_true", help="list the replicas' llama-servers for llama_proc.ray.DirectClient "
         "(each then listens on its node's address: set --api-key)",
     )  # fmt: skip
+    _add_server_args(ray_serve, skip=("host", "port"))  # each replica's llama-server settings
 
     demo = sub.add_parser("demo", help="build if needed, start the tiny model, chat, stream, stop")
     demo.add_argument("--variant", choices=VARIANTS, default=None, help="the backend (default: cpu)")
@@ -469,39 +470,64 @@ def _cmd_ray_serve(ns: argparse.Namespace, out: TextIO) -> int:
         return 2
     from .ray import deployment
 
-    key = ns.api_key or os.environ.get("LLAMA_PROC_API_KEY")
-    if key == "auto":  # one key for every replica, shown once
-        key = secrets.token_urlsafe(32)
-        out.write(f"API key: {key}\n")
-    args = LlamaServerArgs.from_dict(
-        {"model": ns.model, **({"n_ctx": ns.n_ctx} if ns.n_ctx else {}), **({"api_key": key} if key else {})}
-    )
+    args = _server_args_from(ns)
+    if args.api_key == "auto":  # one key for every replica, shown once
+        args = args.evolve(api_key=secrets.token_urlsafe(32))
+        out.write(f"API key: {args.api_key}\n")
+    if ns.address == "local" and isinstance(args.model, Path) and not args.model.is_file():
+        raise ModelNotFound(str(args.model))  # before Ray starts: its nodes are this machine
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     previous = signal.getsignal(signal.SIGTERM)
+    deployed = False
     try:
         ray.init(address=ns.address)
-        serve.start(http_options={"host": ns.host, "port": ns.port})
+        serve.start(http_options={"host": ns.http_host, "port": ns.http_port})
+        if ns.address != "local" and ns.name in serve.status().applications:
+            raise ConfigError([f"--name: an application named {ns.name!r} runs on this cluster; pick another name"])
         options = {"num_cpus": ns.num_cpus, "num_gpus": ns.num_gpus}
         app = deployment(args, num_replicas=ns.replicas, ray_actor_options=options, direct=ns.direct)
-        serve.run(app, name=_RAY_APP, route_prefix="/")
+        deployed = True
+        try:
+            serve.run(app, name=ns.name, route_prefix=ns.route_prefix)
+        except RuntimeError as exc:  # a replica failed to start: Serve's message ends with its error
+            sys.stderr.write(f"llama-proc: error: the replicas did not start: {_last_error_line(str(exc))}\n")
+            return 1
         signal.signal(signal.SIGTERM, on_signal)  # after ray.init(), which installs its own handler
-        out.write(f"{ns.replicas} replica(s) of {ns.model} at http://{ns.host}:{ns.port}/v1 (Ctrl-C stops them)\n")
+        base = f"http://{ns.http_host}:{ns.http_port}{ns.route_prefix.rstrip('/')}/v1"
+        out.write(f"{ns.replicas} replica(s) of {ns.model} at {base} (Ctrl-C stops them)\n")
         if ns.direct:
-            out.write(f"in the cluster: DirectClient(serve.get_app_handle({_RAY_APP!r})) calls them directly\n")
+            out.write(f"in the cluster: DirectClient(serve.get_app_handle({ns.name!r})) calls them directly\n")
         out.flush()
         stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        shutdown: Any = serve.shutdown
-        shutdown()
+        if ray.is_initialized() and ns.address == "local":
+            shutdown: Any = serve.shutdown  # the Ray started here: all of Serve goes
+            shutdown()
+        elif deployed:
+            serve.delete(ns.name)  # a cluster others use keeps their applications
     out.write("stopped\n")
     return 0
+
+
+def _last_error_line(text: str) -> str:
+    """The line of a Serve failure that names the error (``ModelNotFound: ...``), else its first."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    named = [line for line in lines if "Error:" in line or "Exception:" in line]
+    return (named or lines or ["(no message)"])[-1 if named else 0]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _cmd_serve(ns: argparse.Namespace, out: TextIO) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port, process_name
+from .conftest import argv_of, free_port, pids_named
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +27,12 @@ def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
     import requests
 
     port = free_port()
-    before = set(_llama_servers())
+    before = pids_named("llama-server")
     ray_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_proc", "ray-serve", "--model", str(tiny_model), "--port", str(port),
-         "--num-cpus", "0.5", "--n-ctx", "256", "--api-key", "auto", "--direct"],
+         "--num-cpus", "0.5", "--n-ctx", "256", "--api-key", "auto", "--direct",
+         "--name", "tiny", "--route-prefix", "/tiny", "--alias", "tiny"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "LLAMA_SERVER_PATH": str(llama_exe), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_dir},
     )  # fmt: skip
@@ -43,15 +44,15 @@ def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
         key = proc.stdout.readline().removeprefix("API key: ").strip() if ready else ""
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         line = proc.stdout.readline() if ready else ""
-        assert f"at http://127.0.0.1:{port}/v1" in line, (line, proc.poll())
+        assert f"at http://127.0.0.1:{port}/tiny/v1" in line, (line, proc.poll())
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        url = f"http://127.0.0.1:{port}/tiny/v1/chat/completions"
         assert requests.post(url, json=chat, timeout=60).status_code == 401
         answer = requests.post(url, json=chat, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-        assert answer.status_code == 200 and answer.json()["choices"]
-        assert "DirectClient(serve.get_app_handle('llama'))" in proc.stdout.readline()
+        assert answer.status_code == 200 and answer.json()["model"] == "tiny"  # --alias reached the replicas
+        assert "DirectClient(serve.get_app_handle('tiny'))" in proc.stdout.readline()
         # --direct: the llama-server listens on the node's address, with the key
-        (argv,) = [_argv(pid) for pid in _llama_servers() if pid not in before]
+        (argv,) = [argv_of(pid) for pid in pids_named("llama-server") - before]
         assert argv[argv.index("--host") + 1] not in ("127.0.0.1", "localhost") and "--api-key-file" in argv
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -75,10 +76,16 @@ def _holds(path: Path, needle: bytes) -> bool:
         return False
 
 
-def _llama_servers() -> list[int]:
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and process_name(int(e)) == "llama-server"]
+def test_ray_serve_names_a_missing_model_before_starting_ray(tmp_path: Path) -> None:
+    import subprocess
+    import sys
 
+    from .conftest import within
 
-def _argv(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/cmdline", "rb") as fh:
-        return fh.read().decode().split("\0")
+    with within(60):
+        done = subprocess.run(
+            [sys.executable, "-m", "llama_proc", "ray-serve", "--model", str(tmp_path / "nowhere.gguf")],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+    assert done.returncode == 2 and "model_not_found" in done.stderr and "nowhere.gguf" in done.stderr, done.stderr
+    assert "Started a local Ray instance" not in done.stderr + done.stdout
