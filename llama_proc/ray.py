@@ -49,7 +49,16 @@ from urllib.parse import urlsplit
 from .binaries import find_executable
 from .client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Endpoints, LlamaClient, Timeout
 from .config import LlamaServerArgs
-from .errors import APIConnectionError, ConfigError, ConnectionRefused, ConnectTimeout, ModelNotFound, RpcWorkerError
+from .errors import (
+    APIConnectionError,
+    APITimeoutError,
+    ConfigError,
+    ConnectionRefused,
+    ConnectTimeout,
+    ModelNotFound,
+    PoolTimeout,
+    RpcWorkerError,
+)
 from .readiness import is_loopback, url_host
 from .remote import DEFAULT_ATTACHED_POOL_SIZE
 from .rpc import RpcCluster, RpcWorker
@@ -69,6 +78,9 @@ DIRECTORY_SUFFIX = "-directory"
 #: Seconds a shutting-down replica of a direct deployment keeps its llama-server after leaving the
 #: directory, so that DirectClients (which fetch the list every 5 s by default) stop sending to it.
 DRAIN_S = 5.0
+
+#: Seconds it then waits at most for the calls they sent to end (within Serve's 30 s for a shutdown).
+IDLE_WAIT_S = 15.0
 
 _log = logging.getLogger("llama_proc.ray")
 
@@ -151,6 +163,7 @@ class LlamaReplica:
                 self.server.start()
             except BaseException:
                 _stop_workers(self.workers)
+                self.workers = []
                 raise
         else:
             self.server = LlamaServer(args, **options)
@@ -204,6 +217,10 @@ class LlamaReplica:
             response = await self._run(
                 self.server.forward, request.method, target, stream=True, data=body or None, headers=headers
             )
+        except (ConnectTimeout, PoolTimeout) as exc:  # not sent
+            return _error(503, f"the replica's llama-server cannot take it now: {exc.reason}", "unavailable_error")
+        except APITimeoutError as exc:  # sent, and no answer in time
+            return _error(504, f"the replica's llama-server did not answer: {exc.reason}", "timeout_error")
         except APIConnectionError as exc:  # the llama-server is gone: Ray's health check will see it
             return _error(503, f"the replica's llama-server cannot be reached: {exc.reason}", "unavailable_error")
         media = response.headers.get("Content-Type", "application/json")
@@ -247,6 +264,7 @@ class LlamaReplica:
                 except Exception:  # the entry expires anyway
                     _log.debug("could not unlist replica %s", self._entry["replica"], exc_info=True)
                 time.sleep(DRAIN_S)  # DirectClients see the list without it before the server goes
+                _wait_idle(self.server, IDLE_WAIT_S)  # and the calls they sent before that end
             server = getattr(self, "server", None)
             if server is not None:
                 server.stop()
@@ -295,6 +313,18 @@ class LlamaReplica:
         """This replica's llama-server: its URL and API key."""
         url = self._entry["url"] if self._entry is not None else self.server.base_url
         return url, self.server.api_key
+
+
+def _wait_idle(server: LlamaServer | RpcCluster, timeout: float) -> None:
+    """Wait until no slot of ``server`` is processing a request, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not any(slot.get("is_processing") for slot in server.slots(timeout=2)):
+                return
+        except Exception:  # no /slots on this build, or the server is gone: nothing to wait for
+            return
+        time.sleep(0.2)
 
 
 class RpcWorkerActor:
@@ -389,16 +419,21 @@ class ReplicaDirectory:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._gone: dict[str, float] = {}  # unlisted replicas: a renewal sent before is ignored
 
     # async: Serve runs them on the replica's event loop, one at a time (no lock needed)
 
     async def register(self, entry: dict[str, Any], ttl: float) -> None:
         """List (or renew) ``entry`` for ``ttl`` seconds."""
-        self._entries[entry["replica"]] = (time.monotonic() + ttl, entry)
+        now = time.monotonic()
+        self._gone = {tag: until for tag, until in self._gone.items() if until > now}
+        if entry["replica"] not in self._gone:
+            self._entries[entry["replica"]] = (now + ttl, entry)
 
     async def unregister(self, replica: str) -> None:
         """Drop a replica that is shutting down."""
-        self._entries.pop(replica, None)
+        expiry, _ = self._entries.pop(replica, (time.monotonic() + 60.0, None))
+        self._gone[replica] = expiry
 
     async def replicas(self) -> list[dict[str, Any]]:
         """The entries still in date: ``replica``, ``node``, ``pid``, ``url``, ``api_key``."""
@@ -516,10 +551,14 @@ def _checked(
         problems.append(f"rpc_workers: expected a whole number >= 0, got {rpc_workers!r}")
     elif rpc_worker_options is not None and not rpc_workers:
         problems.append("rpc_worker_options: given without rpc_workers (how many workers each replica gets)")
-    try:
-        inspect.signature(LlamaServer).bind(args, **server_options)
-    except TypeError as exc:
-        problems.append(f"server options: {exc} (see LlamaServer's keyword arguments)")
+    known = set(inspect.signature(LlamaServer).parameters) - {"executable_path", "args"}
+    if rpc_workers:  # RpcCluster runs the server: its own options, and LlamaServer's but the executable
+        known |= set(inspect.signature(RpcCluster).parameters) - {"server_args", "workers", "server_options"}
+    else:
+        known.add("executable_path")
+    unknown = sorted(set(server_options) - known)
+    if unknown:
+        problems.append(f"server options: {', '.join(unknown)} unknown (known: {', '.join(sorted(known))})")
     if problems:
         raise ConfigError(problems)
     if isinstance(args.model, Path) and not args.model.is_absolute():
@@ -658,6 +697,7 @@ class DirectClient(Endpoints):
         self._retired: list[LlamaClient] = []  # unlisted: closed one fetch later, when no call holds them
         self._turn = itertools.count()
         self._stale_at = 0.0
+        self._wait_until = 0.0  # when the calls waiting for a first list give up
         self._closed = False
         self._local = threading.local()  # the client of this thread's current call
 
@@ -680,23 +720,28 @@ class DirectClient(Endpoints):
 
     def _refresh(self) -> None:
         """Fetch the replica list: one thread fetches; the others go on with the list they have,
-        or, with none, wait for that fetch."""
+        or, with none, wait for that fetch. Calls that find no list wait together: up to
+        ``wait_s`` after the first of them came."""
+        arrived = time.monotonic()
         with self._lock:
-            have = bool(self._live)
-        if not self._fetching.acquire(blocking=not have, timeout=-1 if have else self._wait_s + 60):
+            have = bool(self._clients)
+            if not have and self._wait_until < arrived:  # no wait going on: this call starts one
+                self._wait_until = arrived + self._wait_s
+            deadline = self._wait_until
+        # a fetch takes up to 30 s: a thread waiting for the lock gives that much beyond the deadline
+        if not self._fetching.acquire(blocking=not have, timeout=-1 if have else deadline - arrived + 35):
             if have:
                 return
             raise APIConnectionError(f"no replica list of {self._name} within {self._wait_s:g} s")
         try:
-            if time.monotonic() < self._stale_at and self._live:
+            if time.monotonic() < self._stale_at and self._clients:
                 return  # another thread fetched it meanwhile
-            self._install(self._fetch_listed(have))
+            self._install(self._fetch_listed(have, deadline))
         finally:
             self._fetching.release()
 
-    def _fetch_listed(self, have: bool) -> list[dict[str, Any]]:
-        """The entries, waiting up to ``wait_s`` for a first one when there is no list yet."""
-        deadline = time.monotonic() + self._wait_s
+    def _fetch_listed(self, have: bool, deadline: float) -> list[dict[str, Any]]:
+        """The entries, waiting until ``deadline`` for a first one when there is no list yet."""
         try:
             entries = self._fetch()
             while not entries and not have and time.monotonic() < deadline:
@@ -707,7 +752,6 @@ class DirectClient(Endpoints):
         except Exception as exc:  # Ray cannot be asked: keep the list there is
             if have:
                 _log.warning("could not fetch the replicas of %s (%s); keeping the last list", self._name, exc)
-                self._stale_at = time.monotonic() + self._refresh_s
                 return []
             raise APIConnectionError(f"the replicas of {self._name} could not be listed: {exc}") from None
         if not entries and not have:
@@ -715,10 +759,11 @@ class DirectClient(Endpoints):
         return entries
 
     def _install(self, entries: list[dict[str, Any]]) -> None:
-        if not entries and self._live:  # the fetch failed, or listed none: keep sending where calls went
-            self._stale_at = time.monotonic() + self._refresh_s
-            return
         with self._lock:
+            now = time.monotonic()
+            self._stale_at = now + self._refresh_s
+            if self._closed or (not entries and self._clients):
+                return  # the fetch failed, or listed none: keep sending where calls went
             clients: dict[tuple[str, str | None], LlamaClient] = {}
             for entry in entries:
                 key = (entry["url"], entry.get("api_key"))
@@ -728,20 +773,20 @@ class DirectClient(Endpoints):
                 old.close()
             self._retired = list(self._clients.values())
             self._clients = clients
-            now = time.monotonic()
             self._down = {url: until for url, until in self._down.items() if until > now}
             self._live = [client for (url, _), client in clients.items() if url not in self._down]
-            self._stale_at = now + self._refresh_s
 
     def _pick(self) -> LlamaClient:
         if self._closed:
             raise APIConnectionError(f"the DirectClient of {self._name} is closed")
-        if not self._live or time.monotonic() >= self._stale_at:
+        if not self._clients or time.monotonic() >= self._stale_at:
             self._refresh()
         with self._lock:
-            if not self._live:
-                raise APIConnectionError(f"every listed replica of {self._name} refused a connection just now")
-            return self._live[next(self._turn) % len(self._live)]
+            # when every replica was skipped, try them all again rather than fail every call
+            pool = self._live or list(self._clients.values())
+            if not pool:
+                raise APIConnectionError(f"the DirectClient of {self._name} is closed")
+            return pool[next(self._turn) % len(pool)]
 
     def _drop(self, client: LlamaClient) -> None:
         """Skip a replica that could not be reached, until a fetch after ``refresh_s``."""

@@ -193,3 +193,53 @@ def test_a_closed_client_refuses_calls(directory: Directory, replicas: list[Repl
     client.close()
     with pytest.raises(APIConnectionError, match="closed"):
         client.chat_completions(CHAT)
+
+
+def test_one_unreachable_replica_does_not_stop_the_calls_to_the_others(
+    directory: Directory, replicas: list[Replica]
+) -> None:
+    directory.entries = [replicas[0].entry()]
+    with DirectClient(Handle(), refresh_s=30) as client:
+        assert _answer(client) == "a"
+        client._drop(client._live[0])  # as after one connect timeout on a busy replica
+        assert [_answer(client) for _ in range(5)] == ["a"] * 5  # tried again, not refused for refresh_s
+    assert directory.fetches == 1
+
+
+def test_calls_waiting_for_a_first_list_give_up_together(directory: Directory) -> None:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = DirectClient(Handle(), wait_s=0.5)
+
+    def call(_: int) -> float:
+        started = time.monotonic()
+        with pytest.raises(APIConnectionError):
+            client.chat_completions(CHAT)
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(4) as pool:
+        waited = list(pool.map(call, range(4)))
+    client.close()
+    assert max(waited) < 1.5, waited  # one shared wait of 0.5 s, not 0.5 s each in turn
+
+
+def test_the_directory_lists_renewals_until_a_replica_leaves() -> None:
+    import asyncio
+
+    from llama_proc.ray import ReplicaDirectory
+
+    async def scenario() -> list[list[str]]:
+        found = ReplicaDirectory()
+        entry = {"replica": "r1", "node": "n", "pid": 1, "url": "http://10.0.0.1:1", "api_key": None}
+        await found.register(entry, 60)
+        listed = [[e["replica"] for e in await found.replicas()]]
+        await found.unregister("r1")
+        await found.register(entry, 60)  # a renewal sent before the replica left arrives late
+        listed.append([e["replica"] for e in await found.replicas()])
+        await found.register({**entry, "replica": "r2"}, 0.01)
+        await asyncio.sleep(0.05)
+        listed.append([e["replica"] for e in await found.replicas()])  # not renewed in time
+        return listed
+
+    assert asyncio.run(scenario()) == [["r1"], [], []]
