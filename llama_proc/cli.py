@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -493,8 +494,8 @@ def _cmd_ray_serve(ns: argparse.Namespace, out: TextIO) -> int:
         deployed = True
         try:
             serve.run(app, name=ns.name, route_prefix=ns.route_prefix)
-        except RuntimeError as exc:  # a replica failed to start: Serve's message ends with its error
-            sys.stderr.write(f"llama-proc: error: the replicas did not start: {_last_error_line(str(exc))}\n")
+        except Exception as exc:  # a replica failed to start, or Serve refused the application
+            sys.stderr.write(f"llama-proc: error: the application did not start: {_why_not(serve, ns.name, exc)}\n")
             return 1
         signal.signal(signal.SIGTERM, on_signal)  # after ray.init(), which installs its own handler
         base = f"http://{ns.http_host}:{ns.http_port}{ns.route_prefix.rstrip('/')}/v1"
@@ -516,11 +517,23 @@ def _cmd_ray_serve(ns: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _last_error_line(text: str) -> str:
-    """The line of a Serve failure that names the error (``ModelNotFound: ...``), else its first."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    named = [line for line in lines if "Error:" in line or "Exception:" in line]
-    return (named or lines or ["(no message)"])[-1 if named else 0]
+def _why_not(serve: Any, name: str, exc: BaseException) -> str:
+    """The line that names why an application failed: the replicas' error, which Serve's status
+    ends with (``llama_proc.errors.ModelNotFound: ...``), else the exception's own line."""
+    texts = [str(exc)]
+    try:
+        status = serve.status().applications.get(name)
+        if status is not None:
+            texts = [status.message, *(d.message for d in status.deployments.values()), str(exc)]
+    except Exception:  # Serve itself is in trouble: its exception is all there is
+        pass
+    lines = [line.strip() for text in texts for line in text.splitlines() if line.strip()]
+    named = [line for line in lines if _ERROR_LINE.match(line)]
+    return named[-1] if named else (lines[0] if lines else type(exc).__name__)
+
+
+#: ``SomeError: why`` or ``package.module.SomeError: why``, as a traceback's last line reads.
+_ERROR_LINE = re.compile(r"^[\w.]*[A-Z]\w*: ")
 
 
 def _positive(text: str) -> int:

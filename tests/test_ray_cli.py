@@ -4,6 +4,8 @@ the Serve endpoint (one generated key for all replicas), and SIGTERM shutting it
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,9 @@ pytest.importorskip("ray", reason="the ray extra is not installed (pip install '
 def test_ray_serve_command_deploys_asks_for_the_key_and_stops(
     llama_exe: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
-    import shutil
     import signal
     import subprocess
     import sys
-    import tempfile
 
     import requests
 
@@ -89,3 +89,23 @@ def test_ray_serve_names_a_missing_model_before_starting_ray(tmp_path: Path) -> 
         )  # fmt: skip
     assert done.returncode == 2 and "model_not_found" in done.stderr and "nowhere.gguf" in done.stderr, done.stderr
     assert "Started a local Ray instance" not in done.stderr + done.stdout
+
+
+def test_ray_serve_names_why_the_replicas_did_not_start(llama_exe: Path, tiny_model: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    ray_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "llama_proc", "ray-serve", "--model", str(tiny_model), "--num-cpus", "0.5",
+             "--port", str(free_port()), "--", "--no-such-flag"],
+            capture_output=True, text=True, timeout=240, cwd=tmp_path,
+            env={**os.environ, "LLAMA_SERVER_PATH": str(llama_exe), "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_TMPDIR": ray_dir},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    ours = [line for line in done.stderr.splitlines() if line.startswith("llama-proc: error: ")]
+    assert done.returncode == 1 and len(ours) == 1, done.stderr[-3000:]
+    assert ours[0].startswith("llama-proc: error: the application did not start: ") and "StartupError" in ours[0], ours
