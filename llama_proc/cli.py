@@ -528,8 +528,12 @@ def _why_not(serve: Any, name: str, exc: BaseException) -> str:
     except Exception:  # Serve itself is in trouble: its exception is all there is
         pass
     lines = [line.strip() for text in texts for line in text.splitlines() if line.strip()]
-    named = [line for line in lines if _ERROR_LINE.match(line)]
-    return named[-1] if named else (lines[0] if lines else type(exc).__name__)
+    named = [index for index, line in enumerate(lines) if _ERROR_LINE.match(line)]
+    if not named:
+        return lines[0] if lines else type(exc).__name__
+    # a StartupError goes on with the server's last lines: the ones that say "error" tell why
+    said = [line for line in lines[named[-1] + 1 :] if "error" in line.lower() and not _ERROR_LINE.match(line)]
+    return lines[named[-1]] + "".join(f"\n  {line}" for line in said[:3])
 
 
 #: ``SomeError: why`` or ``package.module.SomeError: why``, as a traceback's last line reads.

@@ -15,7 +15,8 @@ each replica. ``import llama_proc`` does not import Ray: this module loads it wh
     reply = ServeClient(handle).chat_completions({"messages": [...], "max_tokens": 32})
 
 The model path must exist on every node that may run a replica; a replica whose node lacks it
-fails at start with :class:`~llama_proc.errors.ModelNotFound` naming the node.
+fails at start with :class:`~llama_proc.errors.ModelNotFound` naming the node (``serve.run``
+raises Serve's ``RuntimeError``; ``serve.status()`` ends with the replica's error).
 
 One application serves one model: a second model is a second application (its own route prefix
 and replicas, scaled on its own), which keeps each model's replicas, health and autoscaling apart.

@@ -106,6 +106,9 @@ def test_ray_serve_names_why_the_replicas_did_not_start(llama_exe: Path, tiny_mo
         )  # fmt: skip
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
-    ours = [line for line in done.stderr.splitlines() if line.startswith("llama-proc: error: ")]
+    lines = done.stderr.splitlines()
+    ours = [index for index, line in enumerate(lines) if line.startswith("llama-proc: error: ")]
     assert done.returncode == 1 and len(ours) == 1, done.stderr[-3000:]
-    assert ours[0].startswith("llama-proc: error: the application did not start: ") and "StartupError" in ours[0], ours
+    first, *why = lines[ours[0] : ours[0] + 3]
+    assert first.startswith("llama-proc: error: the application did not start: ") and "StartupError" in first
+    assert any("--no-such-flag" in line for line in why), why  # the server's own words
