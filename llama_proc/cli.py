@@ -45,6 +45,7 @@ from .platforms import (
     runnable_variants,
 )
 from .releases import api_url, release_tag
+from .rpc import RpcCluster
 from .server import LlamaServer
 from .versions import server_version
 
@@ -549,7 +550,13 @@ def _positive(text: str) -> int:
 
 def _cmd_serve(ns: argparse.Namespace, out: TextIO) -> int:
     args = _server_args_from(ns)
-    server = LlamaServer(ns.executable, args, startup_timeout=ns.startup_timeout)
+    server: LlamaServer | RpcCluster
+    if args.rpc:  # workers checked at start and named when lost, as RpcCluster does
+        server = RpcCluster(
+            args.evolve(rpc=()), list(args.rpc), executable=ns.executable, startup_timeout=ns.startup_timeout
+        )
+    else:
+        server = LlamaServer(ns.executable, args, startup_timeout=ns.startup_timeout)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

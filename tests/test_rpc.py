@@ -403,3 +403,32 @@ def test_a_worker_lost_mid_stream_is_named(llama_exe: Path, rpc_exe: Path, tiny_
                 if n == 3:
                     os.kill(workers[1].pid or 0, signal.SIGKILL)
         assert f"RPC worker {workers[1].address}: its rpc-server (pid" in str(info.value)
+
+
+def test_serve_with_rpc_workers_runs_a_cluster(llama_exe: Path, rpc_exe: Path, tiny_model: Path) -> None:
+    import requests
+
+    with RpcWorker(rpc_exe) as worker, socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        dead = f"127.0.0.1:{held.getsockname()[1]}"
+        serve = [sys.executable, "-m", "llama_proc", "serve", "--executable", str(llama_exe), "--model", str(tiny_model),
+                 "--n-ctx", "256", "--rpc", worker.address]  # fmt: skip
+        started = time.monotonic()
+        refused = subprocess.run([*serve, "--rpc", dead], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and f"RPC worker {dead}" in refused.stderr, refused.stderr
+        assert "rpc_worker_unreachable" in refused.stderr and time.monotonic() - started < 30
+        proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            match = re.search(r"ready at (http://\S+)", proc.stdout.readline() if ready else "")
+            assert match, proc.poll()
+            assert requests.post(match[1] + "/v1/chat/completions", json=CHAT, timeout=30).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert worker.is_running()  # a worker started elsewhere is left running
