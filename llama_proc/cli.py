@@ -487,6 +487,7 @@ def _cmd_ray_serve(ns: argparse.Namespace, out: TextIO) -> int:
     deployed = False
     try:
         ray.init(address=ns.address)
+        shared = bool(serve.status().proxies)  # Serve runs already: its proxy keeps its host and port
         serve.start(http_options={"host": ns.http_host, "port": ns.http_port})
         if ns.address != "local" and ns.name in serve.status().applications:
             raise ConfigError([f"--name: an application named {ns.name!r} runs on this cluster; pick another name"])
@@ -499,8 +500,13 @@ def _cmd_ray_serve(ns: argparse.Namespace, out: TextIO) -> int:
             sys.stderr.write(f"llama-proc: error: the application did not start: {_why_not(serve, ns.name, exc)}\n")
             return 1
         signal.signal(signal.SIGTERM, on_signal)  # after ray.init(), which installs its own handler
-        base = f"http://{ns.http_host}:{ns.http_port}{ns.route_prefix.rstrip('/')}/v1"
-        out.write(f"{ns.replicas} replica(s) of {ns.model} at {base} (Ctrl-C stops them)\n")
+        path = f"{ns.route_prefix.rstrip('/')}/v1"
+        where = (
+            f"{path} on the cluster's Serve proxy (it ran already, on its own host and port)"
+            if shared
+            else f"http://{ns.http_host}:{ns.http_port}{path}"
+        )
+        out.write(f"{ns.replicas} replica(s) of {ns.model} at {where} (Ctrl-C stops them)\n")
         if ns.direct:
             out.write(f"in the cluster: DirectClient(serve.get_app_handle({ns.name!r})) calls them directly\n")
         out.flush()

@@ -281,3 +281,42 @@ def test_direct_client_needs_a_direct_deployment(serve_url: tuple[str, Any]) -> 
     _, handle = serve_url
     with within(30), pytest.raises(ConfigError, match="direct=True"):
         DirectClient(handle)
+
+
+def test_ray_serve_on_a_shared_cluster_refuses_a_taken_name_and_deletes_only_its_own(
+    serve_url: tuple[str, Any], tiny_model: Path, llama_exe: Path
+) -> None:
+    import select
+    import subprocess
+    import sys
+
+    import requests
+    from ray import serve
+
+    url, _ = serve_url
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "llama_proc", "ray-serve", "--address", address, "--model", str(tiny_model),
+               "--num-cpus", "0.25", "--n-ctx", "256"]  # fmt: skip
+    env = {**os.environ, "LLAMA_SERVER_PATH": str(llama_exe), "RAY_USAGE_STATS_ENABLED": "0"}
+    taken = subprocess.run([*command, "--name", "default"], capture_output=True, text=True, timeout=120, env=env)
+    assert taken.returncode == 2 and "an application named 'default' runs on this cluster" in taken.stderr
+    proc = subprocess.Popen([*command, "--name", "cli", "--route-prefix", "/cli"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        assert "at /cli/v1 on the cluster's Serve proxy" in line, (line, proc.poll())
+        answer = requests.post(url + "/cli/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                               "max_tokens": 2}, timeout=60)  # fmt: skip
+        assert answer.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    applications = serve.status().applications
+    assert "cli" not in applications and "default" in applications  # only its own application went
+    assert _answers(url + "/health")
