@@ -127,18 +127,9 @@ class LlamaReplica:
     ) -> None:
         import ray
 
-        gpus = ray.get_gpu_ids()
-        options = dict(server_options)
-        if args.threads is None:
-            # as many compute threads as the replica has CPUs: llama.cpp's threads spin while they
-            # wait, and replicas that each take every core of a node slow each other down many times
-            context: Any = ray.get_runtime_context()
-            cpus = context.get_assigned_resources().get("CPU", 0.0)
-            args = args.evolve(threads=max(1, int(cpus)))
-        if gpus:
-            options.setdefault("variant", "cuda")
-            if args.n_gpu_layers is None:
-                args = args.evolve(n_gpu_layers=-1)
+        context: Any = ray.get_runtime_context()
+        cpus = context.get_assigned_resources().get("CPU", 0.0)
+        args, options = _fitted(args, server_options, cpus, bool(ray.get_gpu_ids()))
         util: Any = ray.util
         node = util.get_node_ip_address()
         if isinstance(args.model, Path) and not args.model.is_file():
@@ -314,6 +305,26 @@ class LlamaReplica:
         """This replica's llama-server: its URL and API key."""
         url = self._entry["url"] if self._entry is not None else self.server.base_url
         return url, self.server.api_key
+
+
+def _fitted(
+    args: LlamaServerArgs, server_options: Mapping[str, Any], cpus: float, gpus: bool
+) -> tuple[LlamaServerArgs, dict[str, Any]]:
+    """``args`` and the server's options fitted to a replica with ``cpus`` CPUs and maybe GPUs:
+    as many compute threads as CPUs (at least one) unless ``threads`` is set, and with GPUs the
+    CUDA build with every layer offloaded unless ``variant`` or ``n_gpu_layers`` says otherwise.
+
+    (llama.cpp's threads spin while they wait: replicas that each took every core of a node
+    would slow each other down many times.)
+    """
+    options = dict(server_options)
+    if args.threads is None:
+        args = args.evolve(threads=max(1, int(cpus)))
+    if gpus:
+        options.setdefault("variant", "cuda")
+        if args.n_gpu_layers is None:
+            args = args.evolve(n_gpu_layers=-1)
+    return args, options
 
 
 def _wait_idle(server: LlamaServer | RpcCluster, timeout: float) -> None:

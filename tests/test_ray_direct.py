@@ -1,5 +1,6 @@
-"""DirectClient's choice of replica, without Ray: a stand-in for the deployment's directory and
-small HTTP servers in its replicas' place (the Ray tests run it against a real cluster)."""
+"""The parts of llama_proc.ray that need no Ray cluster: DirectClient's choice of replica (with a
+stand-in for the deployment's directory and small HTTP servers in its replicas' place), the
+directory itself, and a replica's server fitted to its resources. The Ray tests run them for real."""
 
 from __future__ import annotations
 
@@ -243,3 +244,24 @@ def test_the_directory_lists_renewals_until_a_replica_leaves() -> None:
         return listed
 
     assert asyncio.run(scenario()) == [["r1"], [], []]
+
+
+@pytest.mark.parametrize(
+    ("set_", "cpus", "gpus", "threads", "variant", "layers"),
+    [
+        ({}, 0.5, False, 1, None, None),  # a fraction of a CPU still computes on one thread
+        ({}, 3.0, False, 3, None, None),
+        ({"threads": 8}, 3.0, False, 8, None, None),  # the user's choice stands
+        ({}, 4.0, True, 4, "cuda", -1),  # GPUs: the CUDA build, every layer offloaded
+        ({"n_gpu_layers": 10}, 1.0, True, 1, "cuda", 10),
+    ],
+)
+def test_a_replica_fits_its_server_to_its_resources(
+    set_: dict[str, Any], cpus: float, gpus: bool, threads: int, variant: str | None, layers: int | None
+) -> None:
+    from llama_proc import LlamaServerArgs
+    from llama_proc.ray import _fitted
+
+    args, options = _fitted(LlamaServerArgs(model="m.gguf", **set_), {"startup_timeout": 9}, cpus, gpus)
+    assert (args.threads, options.get("variant"), args.n_gpu_layers) == (threads, variant, layers)
+    assert options["startup_timeout"] == 9
