@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
 import statistics
 import sys
@@ -23,9 +24,13 @@ from _common import record, report, setup
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
+#: The replicas' key: a direct deployment's llama-servers listen on the node's address.
+KEY = secrets.token_urlsafe(24)
+
 
 def throughput(url: str, requests_total: int = 192, clients: int = 32) -> float:
     session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {KEY}"
     adapter = requests.adapters.HTTPAdapter(pool_maxsize=clients)
     session.mount("http://", adapter)
 
@@ -59,6 +64,7 @@ def client_throughput(client: Any, requests_total: int = 192, clients: int = 32)
 
 def latency(url: str, calls: int = 60) -> float:
     session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {KEY}"
     return _median(lambda: session.post(url + "/v1/chat/completions", json=CHAT, timeout=60).raise_for_status(), calls)
 
 
@@ -92,7 +98,8 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         rates = {}
         for replicas in (1, 2):
-            app = deployment(args, num_replicas=replicas, ray_actor_options={"num_cpus": 0.5}, direct=replicas == 2)
+            keyed = args.evolve(api_key=KEY)
+            app = deployment(keyed, num_replicas=replicas, ray_actor_options={"num_cpus": 0.5}, direct=replicas == 2)
             serve.delete("default")
             handle = serve.run(app, route_prefix="/")
             settle(url)
