@@ -658,13 +658,13 @@ class RpcCluster(Endpoints):
                 self._pending = server
                 self._check_abort()
                 server.start()
+                self._server = server  # at once: an interrupt from here on finds it to stop
+                self._pending = None
             except BaseException:
                 self._pending = None
                 self._stop_workers()
                 _running_clusters.discard(self)
                 raise
-            self._pending = None
-            self._server = server
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop the server, then the workers this cluster started. :returns: the server's exit code."""
