@@ -118,7 +118,11 @@ def _add_server_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         elif field.name == "extra_args":
             parser.add_argument("extra_args", nargs="*", help="more llama-server arguments, after --")
         elif field.name == "rpc":
-            parser.add_argument(name, action="append", default=None, metavar="HOST:PORT", help="an rpc-server worker")
+            parser.add_argument(
+                name, action="append", default=None, metavar="HOST:PORT",
+                help="an rpc-server worker, checked at start (reachable, serving no other llama-server); "
+                "with workers every layer is offloaded unless --n-gpu-layers says otherwise",
+            )  # fmt: skip
         elif kind == "switch" or (default_bool and kind != "value"):
             parser.add_argument(name, action="store_true", default=None, help=f"pass {field.metadata['flag']}")
         elif kind in ("tristate",) or field.name in ("mlock", "mmap", "webui"):
@@ -487,7 +491,8 @@ def _cmd_ray_serve(ns: argparse.Namespace, out: TextIO) -> int:
     deployed = False
     try:
         ray.init(address=ns.address)
-        shared = bool(serve.status().proxies)  # Serve runs already: its proxy keeps its host and port
+        running = serve.status()
+        shared = bool(running.proxies or running.applications)  # Serve runs: its proxy keeps its address
         serve.start(http_options={"host": ns.http_host, "port": ns.http_port})
         if ns.address != "local" and ns.name in serve.status().applications:
             raise ConfigError([f"--name: an application named {ns.name!r} runs on this cluster; pick another name"])
@@ -577,8 +582,9 @@ def _cmd_serve(ns: argparse.Namespace, out: TextIO) -> int:
         out.flush()
         while not stop.is_set():
             if not server.is_running():
+                lost = server._lost_worker() if isinstance(server, RpcCluster) else None  # why it aborted
                 code = server.stop()
-                out.write(f"llama-server exited by itself with status {code}\n")
+                out.write(f"llama-server exited by itself with status {code}{f': {lost}' if lost else ''}\n")
                 return 1
             stop.wait(0.5)
     except KeyboardInterrupt:

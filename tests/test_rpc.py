@@ -417,18 +417,44 @@ def test_serve_with_rpc_workers_runs_a_cluster(llama_exe: Path, rpc_exe: Path, t
         refused = subprocess.run([*serve, "--rpc", dead], capture_output=True, text=True, timeout=60)
         assert refused.returncode == 2 and f"RPC worker {dead}" in refused.stderr, refused.stderr
         assert "rpc_worker_unreachable" in refused.stderr and time.monotonic() - started < 30
-        proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        proc, url, key = _serving([*serve, "--api-key", "auto"])
         try:
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], 60)
-            match = re.search(r"ready at (http://\S+)", proc.stdout.readline() if ready else "")
-            assert match, proc.poll()
-            assert requests.post(match[1] + "/v1/chat/completions", json=CHAT, timeout=30).status_code == 200
+            answer = requests.post(url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"},
+                                   timeout=30)  # fmt: skip
+            assert answer.status_code == 200
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            _end(proc)
         assert worker.is_running()  # a worker started elsewhere is left running
+
+        proc, url, _ = _serving(serve)
+        try:
+            os.kill(worker.pid or 0, signal.SIGKILL)  # llama-server aborts at its next use of the worker
+            with pytest.raises(requests.RequestException):
+                requests.post(url + "/v1/chat/completions", json=CHAT, timeout=30).raise_for_status()
+            out, _ = proc.communicate(timeout=30)
+            assert proc.returncode == 1 and f"RPC worker {worker.address}" in out, out  # named as it exits
+        finally:
+            _end(proc)
+
+
+def _serving(command: list[str]) -> tuple[subprocess.Popen[str], str, str]:
+    """``llama-proc serve`` started and ready: the process, its URL, and its key if it printed one."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    match = re.search(r"ready at (http://\S+)", proc.stdout.readline() if ready else "")
+    if not match:
+        _end(proc)
+        raise AssertionError(f"not ready: {proc.returncode}")
+    key = proc.stdout.readline().removeprefix("API key: ").strip() if "--api-key" in command else ""
+    return proc, match[1], key
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
