@@ -374,9 +374,13 @@ class RpcWorkerActor:
 
 
 def _place_workers(options: Sequence[Mapping[str, Any]]) -> list[Any]:
-    """One :class:`RpcWorkerActor` in each bundle after the replica's own in its placement group,
-    ready (their rpc-servers listening) when this returns."""
+    """One :class:`RpcWorkerActor` in each bundle of the replica's placement group but its own,
+    ready (their rpc-servers listening) when this returns.
+
+    :raises RpcWorkerError: when they cannot all be placed within :data:`_PLACE_TIMEOUT_S`.
+    """
     import ray
+    from ray.exceptions import GetTimeoutError
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     util: Any = ray.util
@@ -384,20 +388,25 @@ def _place_workers(options: Sequence[Mapping[str, Any]]) -> list[Any]:
     if group is None:
         raise ConfigError(["rpc_workers: the replica has no placement group; make it with deployment(rpc_workers=N)"])
     actor: Any = ray.remote(RpcWorkerActor)
-    workers = [
-        actor.options(
-            **dict(each),
-            max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index + 1),
-        ).remote()
-        for index, each in enumerate(options)
-    ]
+    # no bundle index: each bundle is exactly one actor's resources, so each worker takes a bundle
+    # the replica does not hold (Serve before 2.5x places a replica in any bundle that fits it)
+    strategy = PlacementGroupSchedulingStrategy(group)
+    workers = [actor.options(**dict(each), max_restarts=0, scheduling_strategy=strategy).remote() for each in options]
     try:
-        ray.get([worker.node.remote() for worker in workers], timeout=120)
+        ray.get([worker.node.remote() for worker in workers], timeout=_PLACE_TIMEOUT_S)
+    except GetTimeoutError:
+        _stop_workers(workers)
+        raise RpcWorkerError(
+            "(not placed)", f"the replica's placement group had no room for its workers within {_PLACE_TIMEOUT_S:g} s"
+        ) from None
     except BaseException:
         _stop_workers(workers)
         raise
     return workers
+
+
+#: Seconds a replica waits for its RPC workers' rpc-servers to listen.
+_PLACE_TIMEOUT_S = 120.0
 
 
 def _stop_workers(workers: Sequence[Any]) -> None:
