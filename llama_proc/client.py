@@ -158,9 +158,8 @@ class Endpoints:
         self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
     ) -> requests.Response:
         """One request; a status >= 400 raises the matching :class:`~llama_proc.errors.APIStatusError`."""
-        client = self._http()
         try:
-            response = client._send_raw(method, path, body, stream=stream, timeout=timeout)
+            client, response = self._send(method, path, body, stream=stream, timeout=timeout)
         except APITimeoutError as exc:
             if not isinstance(exc, (ConnectTimeout, PoolTimeout)):  # the server got it and did not answer
                 self._on_timeout(path)
@@ -172,6 +171,24 @@ class Endpoints:
                 response.close()
             raise make_status_error(response.status_code, error_body, response.url)
         return response
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        timeout: Timeout | object = ...,
+    ) -> tuple[LlamaClient, requests.Response]:
+        """Send one request with :meth:`_http`'s client: where every call and :meth:`forward` go
+        out, whatever their status (a subclass that spreads calls over servers wraps this).
+
+        :returns: the client that sent it, and its response.
+        """
+        client = self._http()
+        return client, client._send_raw(method, path, body, headers=headers, stream=stream, timeout=timeout)
 
     def _on_timeout(self, path: str) -> None:
         """Called when a call or a stream to ``path`` got no answer within its read timeout (a
@@ -199,7 +216,7 @@ class Endpoints:
         if not path.startswith("/"):
             path = "/" + path
         body = data if data is not None else json
-        return self._http()._send_raw(method.upper(), path, body, headers=headers, stream=stream, timeout=timeout)
+        return self._send(method.upper(), path, body, headers=headers, stream=stream, timeout=timeout)[1]
 
     # -- helpers ------------------------------------------------------------------------------
 

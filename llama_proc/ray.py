@@ -842,26 +842,18 @@ class DirectClient(Endpoints):
                         raise
         raise APIConnectionError(f"{_MAX_FAILOVERS} replicas of {self._name} in a row could not be reached")
 
-    def _call(
-        self, method: str, path: str, body: Any = None, *, stream: bool = False, timeout: Timeout | object = ...
-    ) -> requests.Response:
-        send = super()._call
-        return self._failover(lambda: send(method, path, body, stream=stream, timeout=timeout))
-
-    def forward(
+    def _send(
         self,
         method: str,
         path: str,
-        json: Any = None,
-        stream: bool = False,
+        body: Any,
         *,
-        data: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        stream: bool = False,
         timeout: Timeout | object = ...,
-    ) -> requests.Response:
-        """Send a request as it is to the next replica (see :meth:`LlamaServer.forward`)."""
-        send = super().forward
-        return self._failover(lambda: send(method, path, json, stream, data=data, headers=headers, timeout=timeout))
+    ) -> tuple[LlamaClient, requests.Response]:
+        send = super()._send
+        return self._failover(lambda: send(method, path, body, headers=headers, stream=stream, timeout=timeout))
 
     def close(self) -> None:
         """Close the connections to every replica."""
