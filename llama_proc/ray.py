@@ -148,9 +148,8 @@ class LlamaReplica:
         self._addresses: list[str] = []
         self.server: LlamaServer | RpcCluster
         if rpc_workers:
-            self.workers = _place_workers(rpc_workers)
+            self.workers, self._addresses = _place_workers(rpc_workers)
             try:
-                self._addresses = ray.get([worker.address.remote() for worker in self.workers], timeout=120)
                 self.server = RpcCluster(args, self._addresses, **options)
                 self.server.start()
             except BaseException:
@@ -373,9 +372,9 @@ class RpcWorkerActor:
         return self.worker.stop()
 
 
-def _place_workers(options: Sequence[Mapping[str, Any]]) -> list[Any]:
+def _place_workers(options: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[str]]:
     """One :class:`RpcWorkerActor` in each bundle of the replica's placement group but its own,
-    ready (their rpc-servers listening) when this returns.
+    ready (their rpc-servers listening) when this returns: the actors and their addresses.
 
     :raises RpcWorkerError: when they cannot all be placed within :data:`_PLACE_TIMEOUT_S`.
     """
@@ -393,7 +392,7 @@ def _place_workers(options: Sequence[Mapping[str, Any]]) -> list[Any]:
     strategy = PlacementGroupSchedulingStrategy(group)
     workers = [actor.options(**dict(each), max_restarts=0, scheduling_strategy=strategy).remote() for each in options]
     try:
-        ray.get([worker.node.remote() for worker in workers], timeout=_PLACE_TIMEOUT_S)
+        addresses: list[str] = ray.get([worker.address.remote() for worker in workers], timeout=_PLACE_TIMEOUT_S)
     except GetTimeoutError:
         _stop_workers(workers)
         raise RpcWorkerError(
@@ -402,7 +401,7 @@ def _place_workers(options: Sequence[Mapping[str, Any]]) -> list[Any]:
     except BaseException:
         _stop_workers(workers)
         raise
-    return workers
+    return workers, addresses
 
 
 #: Seconds a replica waits for its RPC workers' rpc-servers to listen.
